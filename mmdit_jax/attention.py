@@ -1,0 +1,103 @@
+"""Scaled dot-product attention behind one switch, so kernels can be swapped without touching models.
+
+Layout everywhere: q, k, v are (B, L, H, D). Backends:
+- "xla": plain XLA (softmax in float32); the CPU path and the reference for the others.
+- "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (flash attention on NVIDIA GPUs;
+  needs bfloat16/float16 inputs).
+- "splash": TPU Pallas splash attention (also runs in Pallas interpret mode, which the tests use on CPU).
+- "auto": cudnn on GPU for half-precision inputs, splash on TPU, xla otherwise.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BACKENDS = ("auto", "xla", "cudnn", "splash")
+_state = threading.local()
+
+
+def default_backend() -> str:
+    return getattr(_state, "backend", "auto")
+
+
+@contextlib.contextmanager
+def attention_backend(name: str):
+    """Select the attention kernel for code traced inside this context."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; expected one of {BACKENDS}")
+    prev = default_backend()
+    _state.backend = name
+    try:
+        yield
+    finally:
+        _state.backend = prev
+
+
+def _resolve(backend: str, dtype) -> str:
+    if backend != "auto":
+        return backend
+    platform = jax.default_backend()
+    if platform == "gpu" and dtype in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    if platform == "tpu":
+        return "splash"
+    return "xla"
+
+
+def attention(q, k, v, *, backend: str | None = None):
+    """softmax(q k^T / sqrt(D)) v over the full (unmasked) sequence; returns (B, Lq, H, D)."""
+    name = _resolve(backend or default_backend(), q.dtype)
+    if name == "xla":
+        return _xla(q, k, v)
+    if name == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    if name == "splash":
+        return _splash(q, k, v, interpret=jax.default_backend() != "tpu")
+    raise ValueError(f"unknown attention backend {name!r}; expected one of {BACKENDS}")
+
+
+def _xla(q, k, v):
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+_BLOCK = 128
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(heads: int, lq: int, lk: int, valid_k: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    # Keys beyond `valid_k` are padding added to reach the kernel's block size: mask them out.
+    dense = np.zeros((lq, lk), dtype=np.bool_)
+    dense[:, :valid_k] = True
+    mask = sm.MultiHeadMask([sm.NumpyMask(dense) for _ in range(heads)])
+    block = min(_BLOCK, lq)
+    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                          block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                          block_q_dq=block, block_kv_dq=block)
+    return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                              interpret=interpret)
+
+
+def _splash(q, k, v, *, interpret: bool):
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    pad_q, pad_k = (-lq) % _BLOCK, (-lk) % _BLOCK
+    scale = 1.0 / math.sqrt(d)
+    # The kernel takes (H, L, D) per example and applies no scale of its own.
+    qt = jnp.pad(q * scale, ((0, 0), (0, pad_q), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    kt = jnp.pad(k, ((0, 0), (0, pad_k), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    vt = jnp.pad(v, ((0, 0), (0, pad_k), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    kernel = _splash_kernel(h, lq + pad_q, lk + pad_k, lk, interpret)
+    out = jax.vmap(kernel)(qt, kt, vt)
+    return out.transpose(0, 2, 1, 3)[:, :lq]

@@ -1,0 +1,135 @@
+"""Building blocks shared by the MMDiT family.
+
+Parameters carry logical axis names (`sharding_names`); `mmdit_jax.sharding` maps them to mesh axes with
+one rules table. Layers compute in the dtype of their parameters; statistics of normalisations and the
+timestep sinusoid are always computed in float32.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+from flax import nnx
+
+xavier = nnx.initializers.xavier_uniform()
+zeros = nnx.initializers.zeros_init()
+ones = nnx.initializers.ones_init()
+
+
+def param(init, key, shape, dtype, axes):
+    """An nnx.Param annotated with logical axes; placement is decided later by the sharding rules."""
+    return nnx.Param(init(key, shape, dtype), sharding_names=tuple(axes), eager_sharding=False)
+
+
+class Buffer(nnx.Variable):
+    """Non-trainable state loaded from checkpoints (e.g. SD3's position table)."""
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel + bias, kernel stored (in, out) with logical axes `axes`."""
+
+    def __init__(self, din: int, dout: int, *, axes=("embed", "mlp"), use_bias: bool = True,
+                 kernel_init=xavier, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.kernel = param(kernel_init, rngs.params(), (din, dout), param_dtype, axes)
+        self.bias = param(zeros, rngs.params(), (dout,), param_dtype, axes[1:]) if use_bias else None
+
+    def __call__(self, x):
+        k = self.kernel[...]
+        y = jnp.dot(x.astype(k.dtype), k)
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with a learnable scale; the mean square is taken in float32 (as every reference does)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = param(ones, rngs.params(), (dim,), param_dtype, ("norm",))
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return xf.astype(x.dtype) * self.scale[...].astype(x.dtype)
+
+
+def layer_norm(x, eps: float = 1e-6):
+    """LayerNorm without affine parameters, statistics in float32."""
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def modulate(x, shift, scale):
+    """AdaLN modulation; shift and scale are (B, D) and broadcast over tokens."""
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+def gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+class MLP(nnx.Module):
+    """fc1 -> GELU(tanh) -> fc2, hidden width `ratio * dim`."""
+
+    def __init__(self, dim: int, hidden: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.fc1 = Linear(dim, hidden, axes=("embed", "mlp"), param_dtype=param_dtype, rngs=rngs)
+        self.fc2 = Linear(hidden, dim, axes=("mlp", "embed"), param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x):
+        h = gelu_tanh(self.fc1(x))
+        h = checkpoint_name(h, "mlp_hidden")
+        return self.fc2(h)
+
+
+class MLPEmbedder(nnx.Module):
+    """Linear -> SiLU -> Linear (SD3's t/y embedders, FLUX's time/vector/guidance embedders)."""
+
+    def __init__(self, din: int, dim: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.in_layer = Linear(din, dim, axes=("cond", "embed"), param_dtype=param_dtype, rngs=rngs)
+        self.out_layer = Linear(dim, dim, axes=("embed", "embed_out"), param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out_layer(jax.nn.silu(self.in_layer(x)))
+
+
+class Modulation(nnx.Module):
+    """SiLU -> Linear(dim, n * dim); returns the n chunks of width dim in stored order.
+
+    Zero-initialised so a freshly built block starts as the identity (adaLN-Zero)."""
+
+    def __init__(self, dim: int, n: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.n = n
+        self.lin = Linear(dim, n * dim, axes=("embed", "mod"), kernel_init=zeros,
+                          param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, c):
+        return jnp.split(self.lin(jax.nn.silu(c)), self.n, axis=-1)
+
+
+def timestep_embedding(t, dim: int = 256, max_period: float = 10000.0):
+    """Sinusoidal embedding [cos, sin] with freqs exp(-ln(max_period) * i / (dim/2)), in float32.
+
+    `t` is the already-scaled time (1000 * sigma). Half-precision here would quantise the phase."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+def split_heads(x, num_heads: int):
+    """(B, L, H*D) -> (B, L, H, D)."""
+    b, l, d = x.shape
+    return x.reshape(b, l, num_heads, d // num_heads)
+
+
+def merge_heads(x):
+    b, l, h, d = x.shape
+    return x.reshape(b, l, h * d)

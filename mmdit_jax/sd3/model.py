@@ -1,0 +1,173 @@
+"""MMDiT (SD3) and MMDiT-X (SD3.5) in Flax NNX, read top to bottom as in the SD3 paper.
+
+latents (B, H, W, C) -> patches -> + cropped position table -> joint blocks (context and x streams
+attending jointly, adaLN-modulated by c = t_emb + y_emb) -> final adaLN layer -> unpatchify.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from mmdit_jax.attention import attention
+from mmdit_jax.errors import MMDiTError
+from mmdit_jax.layers import (MLP, Buffer, Linear, MLPEmbedder, Modulation, RMSNorm, layer_norm,
+                              merge_heads, modulate, split_heads, timestep_embedding)
+from mmdit_jax.sd3.config import MMDiTConfig
+from mmdit_jax.stacking import Stack
+
+
+
+
+def sincos_2d_table(dim: int, grid: int, base: int):
+    """The fixed 2D sin-cos table SD3 is initialised with, (grid*grid, dim), rows row-major.
+
+    First half encodes the column coordinate, second half the row (the references' meshgrid order).
+    Written in jnp so `nnx.eval_shape` never materialises it."""
+    coords = jnp.arange(grid, dtype=jnp.float32) / (grid / base)
+    cols, rows = jnp.meshgrid(coords, coords)  # (grid, grid): cols varies along a row
+
+    def one_d(d, pos):
+        omega = 1.0 / 10000 ** (jnp.arange(d // 2, dtype=jnp.float32) / (d / 2))
+        out = pos.reshape(-1)[:, None] * omega[None, :]
+        return jnp.concatenate([jnp.sin(out), jnp.cos(out)], axis=1)
+
+    return jnp.concatenate([one_d(dim // 2, cols), one_d(dim // 2, rows)], axis=1)
+
+
+class QKV(nnx.Module):
+    """Fused qkv projection with optional per-head RMSNorm on q and k."""
+
+    def __init__(self, dim: int, heads: int, qk_norm: bool, *, param_dtype, rngs):
+        self.heads = heads
+        self.qkv = Linear(dim, 3 * dim, axes=("embed", "qkv"), param_dtype=param_dtype, rngs=rngs)
+        hd = dim // heads
+        self.q_norm = RMSNorm(hd, param_dtype=param_dtype, rngs=rngs) if qk_norm else None
+        self.k_norm = RMSNorm(hd, param_dtype=param_dtype, rngs=rngs) if qk_norm else None
+
+    def __call__(self, x):
+        qkv = checkpoint_name(self.qkv(x), "qkv")
+        q, k, v = (split_heads(t, self.heads) for t in jnp.split(qkv, 3, axis=-1))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+
+class Stream(nnx.Module):
+    """One modality's half of a joint block: adaLN, qkv, and (unless pre_only) output proj + MLP."""
+
+    def __init__(self, cfg: MMDiTConfig, n_mod: int, pre_only: bool, *, param_dtype, rngs):
+        d = cfg.hidden_size
+        self.pre_only = pre_only
+        self.mod = Modulation(d, n_mod, param_dtype=param_dtype, rngs=rngs)
+        self.attn = QKV(d, cfg.num_heads, cfg.qk_norm, param_dtype=param_dtype, rngs=rngs)
+        if not pre_only:
+            self.proj = Linear(d, d, axes=("heads", "embed"), param_dtype=param_dtype, rngs=rngs)
+            self.mlp = MLP(d, cfg.mlp_hidden, param_dtype=param_dtype, rngs=rngs)
+
+    def update(self, x, attn_out, shift_mlp, scale_mlp, gate_msa, gate_mlp):
+        x = x + gate_msa[:, None] * self.proj(merge_heads(attn_out))
+        return x + gate_mlp[:, None] * self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp))
+
+
+class SelfAttention(nnx.Module):
+    """MMDiT-X's second, x-only attention."""
+
+    def __init__(self, cfg: MMDiTConfig, *, param_dtype, rngs):
+        d = cfg.hidden_size
+        self.attn = QKV(d, cfg.num_heads, cfg.qk_norm, param_dtype=param_dtype, rngs=rngs)
+        self.proj = Linear(d, d, axes=("heads", "embed"), param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.proj(merge_heads(attention(*self.attn(x))))
+
+
+class JointBlock(nnx.Module):
+    def __init__(self, cfg: MMDiTConfig, dual: bool, pre_only: bool, *, param_dtype, rngs):
+        self.dual, self.pre_only = dual, pre_only
+        self.context_block = Stream(cfg, 2 if pre_only else 6, pre_only, param_dtype=param_dtype, rngs=rngs)
+        self.x_block = Stream(cfg, 9 if dual else 6, False, param_dtype=param_dtype, rngs=rngs)
+        self.attn2 = SelfAttention(cfg, param_dtype=param_dtype, rngs=rngs) if dual else None
+
+    def __call__(self, carry, c):
+        ctx, x = carry
+        # x chunks: shift/scale/gate (msa), shift/scale/gate (mlp)[, shift/scale/gate (msa2)]
+        xm = self.x_block.mod(c)
+        cm = self.context_block.mod(c)
+        x_norm = layer_norm(x)
+        qx, kx, vx = self.x_block.attn(modulate(x_norm, xm[0], xm[1]))
+        qc, kc, vc = self.context_block.attn(modulate(layer_norm(ctx), cm[0], cm[1]))
+        n_ctx = ctx.shape[1]
+        out = attention(jnp.concatenate([qc, qx], 1), jnp.concatenate([kc, kx], 1),
+                        jnp.concatenate([vc, vx], 1))
+        out = checkpoint_name(out, "attn_out")
+        out_c, out_x = out[:, :n_ctx], out[:, n_ctx:]
+
+        new_x = x + xm[2][:, None] * self.x_block.proj(merge_heads(out_x))
+        if self.dual:
+            # attn2 sees x before the joint-attention update, with its own modulation
+            new_x = new_x + xm[8][:, None] * self.attn2(modulate(x_norm, xm[6], xm[7]))
+        new_x = new_x + xm[5][:, None] * self.x_block.mlp(modulate(layer_norm(new_x), xm[3], xm[4]))
+        if not self.pre_only:
+            ctx = self.context_block.update(ctx, out_c, cm[3], cm[4], cm[2], cm[5])
+        return ctx, new_x
+
+
+class FinalLayer(nnx.Module):
+    def __init__(self, dim: int, out: int, *, param_dtype, rngs):
+        self.mod = Modulation(dim, 2, param_dtype=param_dtype, rngs=rngs)  # (shift, scale)
+        self.linear = Linear(dim, out, axes=("embed", "out"), kernel_init=nnx.initializers.zeros_init(),
+                             param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, c):
+        shift, scale = self.mod(c)
+        return self.linear(modulate(layer_norm(x), shift, scale))
+
+
+class MMDiT(nnx.Module):
+    def __init__(self, cfg: MMDiTConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = cfg
+        d, p = cfg.hidden_size, cfg.patch_size
+        kw = dict(param_dtype=param_dtype, rngs=rngs)
+        self.x_embedder = Linear(p * p * cfg.in_channels, d, axes=("patch", "embed"), **kw)
+        table = sincos_2d_table(d, cfg.pos_embed_max_size, cfg.sample_size // p)
+        self.pos_embed = Buffer(table.astype(param_dtype))
+        self.t_embedder = MLPEmbedder(256, d, **kw)
+        self.y_embedder = MLPEmbedder(cfg.pooled_dim, d, **kw)
+        self.context_embedder = Linear(cfg.context_dim, d, axes=("cond", "embed"), **kw)
+        self.groups = nnx.List([
+            Stack(lambda r, k=kind: JointBlock(cfg, *k, param_dtype=param_dtype, rngs=r), len(idx), rngs=rngs)
+            for kind, idx in cfg.groups()])
+        self.final_layer = FinalLayer(d, p * p * cfg.out_channels, **kw)
+
+    def cropped_pos_embed(self, h: int, w: int):
+        m = self.config.pos_embed_max_size
+        if h > m or w > m:
+            raise MMDiTError(f"latent of {h}x{w} patches exceeds the position table "
+                             f"({m}x{m} patches, i.e. latents up to {m * self.config.patch_size}px a side)")
+        top, left = (m - h) // 2, (m - w) // 2
+        table = self.pos_embed[...].reshape(m, m, -1)
+        return table[top:top + h, left:left + w].reshape(h * w, -1)
+
+    def __call__(self, latents, sigma, context, pooled, guidance=None, *, remat: str = "none"):
+        cfg = self.config
+        if guidance is not None:
+            raise MMDiTError("this SD3-family model has no guidance embedder; pass guidance=None "
+                             "(use classifier-free guidance in the sampler instead)")
+        b, hh, ww, ch = latents.shape
+        p = cfg.patch_size
+        if hh % p or ww % p or ch != cfg.in_channels:
+            raise MMDiTError(f"latents of shape {latents.shape}: need (B, H, W, {cfg.in_channels}) "
+                             f"with H and W multiples of {p}")
+        dtype = self.x_embedder.kernel[...].dtype
+        h, w = hh // p, ww // p
+        x = latents.astype(dtype).reshape(b, h, p, w, p, ch).transpose(0, 1, 3, 2, 4, 5)
+        x = self.x_embedder(x.reshape(b, h * w, p * p * ch)) + self.cropped_pos_embed(h, w)[None]
+        c = self.t_embedder(timestep_embedding(1000.0 * sigma)) + self.y_embedder(pooled.astype(dtype))
+        ctx = self.context_embedder(context.astype(dtype))
+        for group in self.groups:
+            ctx, x = group((ctx, x), c, remat=remat)
+        x = self.final_layer(x, c)
+        x = x.reshape(b, h, w, p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, hh, ww, cfg.out_channels)

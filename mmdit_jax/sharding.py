@@ -1,0 +1,80 @@
+"""Logical axis names -> mesh axes, in one table.
+
+Parameters are annotated with logical names where they are created (layers.py); activations use the
+same names. Mesh axes: "data" (pure data parallel), "fsdp" (data parallel with sharded parameters),
+"tensor" (model parallel over heads / MLP width), "sequence" (context parallel over tokens).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+
+# logical name -> mesh axis (or tuple of axes, or None for replicated). First match wins.
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("seq", "sequence"),
+    ("layers", None),  # the scan axis is never sharded
+    ("embed", "fsdp"),
+    ("embed_out", None),
+    ("cond", None),
+    ("mlp", "tensor"),
+    ("qkv", "tensor"),
+    ("heads", "tensor"),
+    ("mod", "tensor"),
+    ("patch", None),
+    ("out", None),
+    ("pos", None),
+    ("norm", None),
+)
+
+
+def logical_to_spec(names: Iterable[str | None], rules=LOGICAL_RULES, mesh=None) -> P:
+    """PartitionSpec for a tuple of logical names; a mesh axis is used at most once per array and
+    axes absent from (or of size 1 in) `mesh` are dropped."""
+    table = dict(rules)
+    used: set[str] = set()
+    out = []
+    for name in names:
+        target = table.get(name) if name is not None else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(a for a in axes if a not in used and (mesh is None or mesh.shape.get(a, 1) > 1))
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return P(*out)
+
+
+def state_shardings(state: nnx.State, mesh, rules=LOGICAL_RULES):
+    """NamedShardings for every variable of an nnx.State from its `out_sharding` annotations."""
+
+    def one(v):
+        names = v.get_metadata().get("out_sharding") or (None,) * np.ndim(v.get_value())
+        return NamedSharding(mesh, logical_to_spec(names, rules, mesh))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def make_mesh(shape: dict[str, int], devices=None):
+    """Mesh over MESH_AXES; a size of -1 takes the devices left over."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = {a: int(shape.get(a, 1)) for a in MESH_AXES}
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; expected {MESH_AXES}")
+    fill = [a for a, s in sizes.items() if s == -1]
+    if len(fill) > 1:
+        raise ValueError("at most one mesh axis may be -1")
+    known = int(np.prod([s for s in sizes.values() if s != -1]))
+    if fill:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices do not divide into a mesh of fixed size {known}")
+        sizes[fill[0]] = len(devices) // known
+    if int(np.prod(list(sizes.values()))) != len(devices):
+        raise ValueError(f"mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices, "
+                         f"have {len(devices)}")
+    return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, devices=devices)

@@ -1,0 +1,50 @@
+"""Blocks of one shape stacked on a leading "layers" axis and run with `lax.scan`.
+
+Scanning keeps compile time flat in depth (one traced block per stack) and gives remat one place to act.
+Activations inside blocks are tagged with `checkpoint_name`; a remat policy chooses which to keep.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+from flax import nnx
+
+# Names tagged inside blocks (see layers.py and the model files).
+SAVEABLE = ("qkv", "attn_out", "mlp_hidden")
+
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,  # no remat: keep every residual
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block in backward
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+    "qkv_attn": jax.checkpoint_policies.save_only_these_names("qkv", "attn_out"),
+    "attn": jax.checkpoint_policies.save_only_these_names("attn_out"),
+}
+
+
+class Stack(nnx.Module):
+    """`n` copies of `make_block(rngs)` with parameters stacked on axis 0."""
+
+    def __init__(self, make_block: Callable[[nnx.Rngs], nnx.Module], n: int, *, rngs: nnx.Rngs):
+        self.n = n
+
+        @nnx.split_rngs(splits=n)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def create(r):
+            return make_block(r)
+
+        self.blocks = create(rngs)
+
+    def __call__(self, carry, *args, remat: str = "none"):
+        """carry = block(carry, *args) for each block in order; `args` are shared by all blocks."""
+        graphdef, state = nnx.split(self.blocks)
+
+        def body(c, layer_state):
+            return nnx.merge(graphdef, layer_state)(c, *args), None
+
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+        if remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+        carry, _ = jax.lax.scan(body, carry, state)
+        return carry

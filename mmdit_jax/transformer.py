@@ -1,0 +1,112 @@
+"""The public transformer object: config + params + a pure `apply`, for every family."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mmdit_jax.errors import MMDiTError
+from mmdit_jax.families import detect, family_of_config
+from mmdit_jax.io import rules
+from mmdit_jax.io.sources import open_component
+from mmdit_jax.layers import Buffer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def parse_dtype(dtype) -> jnp.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise MMDiTError(f"dtype {dtype!r} not supported; use one of {sorted(DTYPES)}")
+        return DTYPES[dtype]
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise MMDiTError(f"dtype {dtype} not supported; use float32 or bfloat16")
+    return jnp.dtype(dtype).type
+
+
+def abstract_module(config, dtype=jnp.float32):
+    """The model's structure with ShapeDtypeStructs for values: no memory is allocated."""
+    fam = family_of_config(config)
+    return nnx.eval_shape(lambda: fam.build(config, param_dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def count_params(config) -> int:
+    """Trainable parameters of `config`'s network (buffers such as SD3's position table excluded)."""
+    state = nnx.state(abstract_module(config), nnx.Param)
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(state)))
+
+
+class Transformer:
+    """`apply(params, latents, sigma, context, pooled, guidance=None)` is pure (jit/grad/vmap-able);
+    calling the object runs a jitted apply with `self.params`.
+
+    latents (B, H, W, C) NHWC; sigma (B,) in [0, 1]; context (B, L, context_dim); pooled (B, pooled_dim);
+    returns the velocity (noise - data), (B, H, W, C)."""
+
+    def __init__(self, config, params, dtype=jnp.float32):
+        self.config = config
+        self.family = family_of_config(config)
+        self.dtype = parse_dtype(dtype)
+        self._graphdef, self._template = nnx.split(abstract_module(config, self.dtype))
+        self.params = params
+        self._jitted = jax.jit(self.apply, static_argnames=("remat",))
+
+    @classmethod
+    def init(cls, config, seed: int = 0, dtype="float32"):
+        """Randomly initialised weights (the references' init: xavier linears, zero adaLN and output)."""
+        dtype = parse_dtype(dtype)
+        fam = family_of_config(config)
+        module = nnx.jit(lambda: fam.build(config, param_dtype=dtype, rngs=nnx.Rngs(seed)))()
+        return cls(config, nnx.state(module).to_pure_dict(), dtype)
+
+    def module(self, params) -> nnx.Module:
+        state = jax.tree.map(lambda x: x, self._template)
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self._graphdef, state)
+
+    def apply(self, params, latents, sigma, context, pooled, guidance=None, *, remat: str = "none"):
+        return self.module(params)(latents, sigma, context, pooled, guidance, remat=remat)
+
+    def __call__(self, latents, sigma, context, pooled, guidance=None, *, remat: str = "none"):
+        return self._jitted(self.params, latents, sigma, context, pooled, guidance, remat=remat)
+
+    def trainable_mask(self):
+        """Pytree of bools over `params`: False for buffers (never updated by an optimizer)."""
+        state = jax.tree.map(lambda x: x, self._template)
+        masks = jax.tree.map(lambda v: not isinstance(v, Buffer), state,
+                             is_leaf=lambda x: isinstance(x, nnx.Variable))
+        return nnx.State(masks).to_pure_dict() if not isinstance(masks, dict) else masks
+
+
+def _converter(dtype):
+    np_dtype = np.dtype(dtype)
+
+    def convert(arr, target):
+        # one tensor at a time: read (from a memmap), cast, and place on device
+        return jnp.asarray(np.asarray(arr).astype(np_dtype, copy=False))
+
+    return convert
+
+
+def load_transformer(path, dtype="float32") -> Transformer:
+    """An SD3/SD3.5/FLUX transformer from a diffusers pipeline/component folder or a single file."""
+    dtype = parse_dtype(dtype)
+    src = open_component(path, "transformer")
+    fam, layout, tensors = detect(src.tensors, src.config, src.origin)
+    if src.config is not None:
+        config = fam.config_from_diffusers(src.config, src.origin)
+    else:
+        shapes = {k: (tensors.shape(k) if hasattr(tensors, "shape") else np.shape(tensors[k]))
+                  for k in tensors}
+        try:
+            config = fam.config_from_weights(shapes, layout, src.origin)
+        except KeyError as e:
+            raise MMDiTError(f"{src.origin}: cannot detect the {fam.name} configuration, key {e} "
+                             "is missing") from None
+    _, template = nnx.split(abstract_module(config, dtype))
+    params = rules.import_params(fam.plan(config), tensors, layout, template.to_pure_dict(),
+                                 src.origin, _converter(dtype))
+    return Transformer(config, params, dtype)

@@ -1,0 +1,41 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="mmdit-jax",
+    version="0.1.0",
+    description="JAX/Flax reimplementation of the MMDiT family (SD3, SD3.5, FLUX.1) with reference parity",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # Only the library is installed; train/, sample/, convert/ are thin scripts for a checkout.
+    packages=find_packages(include=["mmdit_jax", "mmdit_jax.*"]),
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.12",
+        "optax",
+        "orbax-checkpoint",
+        "numpy",
+        "ml_dtypes",
+        "transformers",  # tokenizers only
+        "safetensors",
+        "grain",
+        "absl-py",
+        "Pillow",
+    ],
+    extras_require={
+        "test": [
+            "torch==2.13.0",  # CPU build; oracle only
+            "diffusers",
+            "sentencepiece",
+            "pytest",
+            "pytest-xdist",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "mmdit-convert=mmdit_jax.cli.convert:run",
+            "mmdit-sample=mmdit_jax.cli.sample:run",
+            "mmdit-train=mmdit_jax.cli.train:run",
+        ],
+    },
+)
