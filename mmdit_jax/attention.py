@@ -64,7 +64,8 @@ def attention(q, k, v, *, backend: str | None = None):
 
 def _xla(q, k, v):
     scale = 1.0 / math.sqrt(q.shape[-1])
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    acc = jnp.promote_types(q.dtype, jnp.float32)  # softmax in at least float32
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=acc) * scale
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 

@@ -43,6 +43,11 @@ class Linear(nnx.Module):
         return y
 
 
+def _stats_dtype(x):
+    """float32 for half-precision inputs, the input's own dtype if wider."""
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
 class RMSNorm(nnx.Module):
     """RMSNorm with a learnable scale; the mean square is taken in float32 (as every reference does)."""
 
@@ -51,14 +56,14 @@ class RMSNorm(nnx.Module):
         self.scale = param(ones, rngs.params(), (dim,), param_dtype, ("norm",))
 
     def __call__(self, x):
-        xf = x.astype(jnp.float32)
+        xf = x.astype(_stats_dtype(x))
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         return xf.astype(x.dtype) * self.scale[...].astype(x.dtype)
 
 
 def layer_norm(x, eps: float = 1e-6):
     """LayerNorm without affine parameters, statistics in float32."""
-    xf = x.astype(jnp.float32)
+    xf = x.astype(_stats_dtype(x))
     mean = jnp.mean(xf, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
     return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)

@@ -14,17 +14,17 @@ from mmdit_jax.io import rules
 from mmdit_jax.io.sources import open_component
 from mmdit_jax.layers import Buffer
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# float64 exists for exactness checks against float64 oracles (needs jax_enable_x64).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 
-def parse_dtype(dtype) -> jnp.dtype:
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise MMDiTError(f"dtype {dtype!r} not supported; use one of {sorted(DTYPES)}")
-        return DTYPES[dtype]
-    if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
-        raise MMDiTError(f"dtype {dtype} not supported; use float32 or bfloat16")
-    return jnp.dtype(dtype).type
+def parse_dtype(dtype) -> type:
+    name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
+    if name not in DTYPES:
+        raise MMDiTError(f"dtype {dtype!r} not supported; use one of {sorted(DTYPES)}")
+    if name == "float64" and not jax.config.jax_enable_x64:
+        raise MMDiTError("dtype float64 needs jax_enable_x64 (jax.config.update('jax_enable_x64', True))")
+    return DTYPES[name]
 
 
 def abstract_module(config, dtype=jnp.float32):
