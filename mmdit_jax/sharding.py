@@ -49,14 +49,10 @@ def logical_to_spec(names: Iterable[str | None], rules=LOGICAL_RULES, mesh=None)
     return P(*out)
 
 
-def state_shardings(state: nnx.State, mesh, rules=LOGICAL_RULES):
-    """NamedShardings for every variable of an nnx.State from its `out_sharding` annotations."""
-
-    def one(v):
-        names = v.get_metadata().get("out_sharding") or (None,) * np.ndim(v.get_value())
-        return NamedSharding(mesh, logical_to_spec(names, rules, mesh))
-
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+def variable_sharding(v: nnx.Variable, mesh, rules=LOGICAL_RULES) -> NamedSharding:
+    """NamedSharding of one variable from its `out_sharding` logical annotation (replicated if none)."""
+    names = v.get_metadata().get("out_sharding") or (None,) * len(v.get_value().shape)
+    return NamedSharding(mesh, logical_to_spec(names, rules, mesh))
 
 
 def make_mesh(shape: dict[str, int], devices=None):
@@ -77,4 +73,7 @@ def make_mesh(shape: dict[str, int], devices=None):
     if int(np.prod(list(sizes.values()))) != len(devices):
         raise ValueError(f"mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices, "
                          f"have {len(devices)}")
-    return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, devices=devices)
+    # Auto axes: XLA propagates shardings from the annotated parameters and inputs (GSPMD), so model
+    # code needs no per-op out_sharding.
+    return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
