@@ -22,7 +22,7 @@ from mmdit_jax.errors import MMDiTError
 from mmdit_jax.io import rules
 from mmdit_jax.io.rules import Entry, Rule
 from mmdit_jax.io.sources import open_component
-from mmdit_jax.text.clip import ACTIVATIONS, CLIPText, CLIPTextConfig  # noqa: F401
+from mmdit_jax.text.clip import ACTIVATIONS, CLIPText, CLIPTextConfig
 from mmdit_jax.text.t5 import T5Config, T5Encoder
 
 LAYOUT = "transformers"
