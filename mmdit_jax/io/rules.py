@@ -125,12 +125,12 @@ def import_params(plan: Sequence[Entry], tensors: Mapping[str, np.ndarray], layo
         prefixes = entry.prefixes[layout] if entry.prefixes is not None else ("",)
         names = [[p + k for k in keys] for p in prefixes]
         absent = [n for group in names for n in group if n not in tensors]
+        used.update(n for group in names for n in group)  # a partial group's keys are not "unexpected"
         if absent:
             missing.extend(absent)
             continue
         parts = [to_internal(entry.rule, [tensors[n] for n in group], layout) for group in names]
         arr = np.stack(parts) if entry.prefixes is not None else parts[0]
-        used.update(n for group in names for n in group)
         target = want.get(entry.path)
         if target is None:
             raise AssertionError(f"plan path {entry.path} is not a model parameter")
