@@ -1,0 +1,93 @@
+"""Test-side FLUX oracle: tiny diffusers FluxTransformer2DModels and a call in our conventions.
+
+Packing, unpacking and image ids come from diffusers' own FluxPipeline helpers, so the oracle shares
+no code (and no assumption about channel order or id layout) with mmdit_jax.
+"""
+import contextlib
+import math
+
+import numpy as np
+
+from conftest import randomize_torch_
+
+# head_dim 32 so a single file's RoPE split can be inferred (FLUX proportions: 1/8, 7/16, 7/16)
+TINY = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=32,
+            num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=20,
+            axes_dims_rope=(4, 14, 14))
+
+
+def tiny_flux(guidance: bool, seed: int = 0, std: float = 0.2, **overrides):
+    """A randomized tiny diffusers FLUX transformer (every parameter random, biases and norms too)."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = FluxTransformer2DModel(**{**TINY, "guidance_embeds": guidance, **overrides})
+    return randomize_torch_(model, std=std, seed=seed).eval()
+
+
+def inputs(rng, cfg: dict, batch=2, h=4, w=6, text_len=5, guidance=True):
+    """NHWC latents, sigma in [0, 1], context, pooled, guidance scale (or None), as float32 numpy."""
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)
+    g = rng.uniform(1.0, 5.0, batch).astype(np.float32) if guidance else None
+    return (f(batch, h, w, cfg["in_channels"] // 4), rng.uniform(0.05, 0.95, batch).astype(np.float32),
+            f(batch, text_len, cfg["joint_attention_dim"]), f(batch, cfg["pooled_projection_dim"]), g)
+
+
+def torch_forward(model, latents, sigma, context, pooled, guidance=None):
+    """diffusers forward with our API's inputs (torch tensors in, NHWC torch tensor out; differentiable)."""
+    import torch
+    from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+
+    b, h, w, c = latents.shape
+    packed = FluxPipeline._pack_latents(latents.permute(0, 3, 1, 2), b, c, h, w)
+    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)
+    txt_ids = torch.zeros(context.shape[1], 3)
+    # the pipeline passes timestep / 1000 = sigma and the raw guidance scale; the model scales both
+    out = model(hidden_states=packed, encoder_hidden_states=context, pooled_projections=pooled,
+                timestep=sigma, img_ids=img_ids, txt_ids=txt_ids, guidance=guidance).sample
+    return FluxPipeline._unpack_latents(out, h, w, 1).permute(0, 2, 3, 1)
+
+
+def reference(model, latents, sigma, context, pooled, guidance=None):
+    """diffusers output as numpy NHWC for numpy inputs."""
+    import torch
+
+    t = lambda a: None if a is None else torch.from_numpy(np.asarray(a))
+    with torch.no_grad():
+        return torch_forward(model, t(latents), t(sigma), t(context), t(pooled), t(guidance)).numpy()
+
+
+def state_dict_numpy(model) -> dict:
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+@contextlib.contextmanager
+def correctly_rounded_sinusoid():
+    """Run diffusers with its timestep-sinusoid frequencies correctly rounded to float32.
+
+    torch's float32 exp (and XLA's) is off by an ulp on a few of the 128 frequencies, differently on
+    each side; at FLUX phases (1000 * guidance ~ 5000 rad) that alone moves a random tiny network's
+    output by ~5e-5, as much as a 1-ulp change of the guidance input does. Everything else about the
+    sinusoid (float32 phase products, [cos, sin] order) is unchanged, so the 1e-5 parity bar tests
+    the network rather than two exp implementations. `test_sinusoid_matches_diffusers` checks the
+    unpatched oracle separately."""
+    import torch
+    from diffusers.models import embeddings
+
+    original = embeddings.get_timestep_embedding
+
+    def patched(timesteps, embedding_dim, flip_sin_to_cos=False, downscale_freq_shift=1, scale=1,
+                max_period=10000):
+        assert flip_sin_to_cos and downscale_freq_shift == 0 and scale == 1 and embedding_dim % 2 == 0
+        half = embedding_dim // 2
+        exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32) / half
+        freqs = torch.exp(exponent.double()).float()
+        phase = timesteps[:, None].float() * freqs[None, :]
+        return torch.cat([torch.cos(phase), torch.sin(phase)], dim=-1)
+
+    embeddings.get_timestep_embedding = patched
+    try:
+        yield
+    finally:
+        embeddings.get_timestep_embedding = original
