@@ -91,3 +91,54 @@ def correctly_rounded_sinusoid():
         yield
     finally:
         embeddings.get_timestep_embedding = original
+
+
+def to_bfl(sd: dict) -> dict:
+    """A diffusers FLUX state dict (torch or numpy tensors) in BFL key layout, written from the key
+    table in SPEC.md. `test_bfl_writer_inverts_diffusers_converter` checks it against diffusers' own
+    BFL -> diffusers converter."""
+    cat = (lambda xs: np.concatenate(xs, 0)) if isinstance(next(iter(sd.values())), np.ndarray) else \
+        (lambda xs: __import__("torch").cat(xs, 0))
+    out = {}
+
+    def lin(dst, src):  # weight and bias; src may list several diffusers modules fused on dim 0
+        src = [src] if isinstance(src, str) else src
+        for p in ("weight", "bias"):
+            out[f"{dst}.{p}"] = cat([sd[f"{s}.{p}"] for s in src]) if len(src) > 1 else sd[f"{src[0]}.{p}"]
+
+    for bfl, d in (("time_in", "timestep"), ("vector_in", "text"), ("guidance_in", "guidance")):
+        if f"time_text_embed.{d}_embedder.linear_1.weight" in sd:
+            lin(f"{bfl}.in_layer", f"time_text_embed.{d}_embedder.linear_1")
+            lin(f"{bfl}.out_layer", f"time_text_embed.{d}_embedder.linear_2")
+    lin("txt_in", "context_embedder")
+    lin("img_in", "x_embedder")
+    lin("final_layer.linear", "proj_out")
+    for p in ("weight", "bias"):  # diffusers keeps (scale, shift), BFL (shift, scale)
+        a = sd[f"norm_out.linear.{p}"]
+        scale, shift = a[:len(a) // 2], a[len(a) // 2:]
+        out[f"final_layer.adaLN_modulation.1.{p}"] = cat([shift, scale])
+    n_double = len({k.split(".")[1] for k in sd if k.startswith("transformer_blocks.")})
+    n_single = len({k.split(".")[1] for k in sd if k.startswith("single_transformer_blocks.")})
+    for i in range(n_double):
+        b, o = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        lin(o + "img_mod.lin", b + "norm1.linear")
+        lin(o + "txt_mod.lin", b + "norm1_context.linear")
+        lin(o + "img_attn.qkv", [b + "attn.to_q", b + "attn.to_k", b + "attn.to_v"])
+        lin(o + "txt_attn.qkv", [b + "attn.add_q_proj", b + "attn.add_k_proj", b + "attn.add_v_proj"])
+        lin(o + "img_attn.proj", b + "attn.to_out.0")
+        lin(o + "txt_attn.proj", b + "attn.to_add_out")
+        lin(o + "img_mlp.0", b + "ff.net.0.proj")
+        lin(o + "img_mlp.2", b + "ff.net.2")
+        lin(o + "txt_mlp.0", b + "ff_context.net.0.proj")
+        lin(o + "txt_mlp.2", b + "ff_context.net.2")
+        for s, q, k in (("img", "norm_q", "norm_k"), ("txt", "norm_added_q", "norm_added_k")):
+            out[o + f"{s}_attn.norm.query_norm.scale"] = sd[b + f"attn.{q}.weight"]
+            out[o + f"{s}_attn.norm.key_norm.scale"] = sd[b + f"attn.{k}.weight"]
+    for i in range(n_single):
+        b, o = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        lin(o + "modulation.lin", b + "norm.linear")
+        lin(o + "linear1", [b + "attn.to_q", b + "attn.to_k", b + "attn.to_v", b + "proj_mlp"])
+        lin(o + "linear2", b + "proj_out")
+        out[o + "norm.query_norm.scale"] = sd[b + "attn.norm_q.weight"]
+        out[o + "norm.key_norm.scale"] = sd[b + "attn.norm_k.weight"]
+    return out
