@@ -38,7 +38,8 @@ def test_gradients_match_torch(tmp_path):
         (g_params["guidance_in"]["in_layer"]["kernel"].T, "time_text_embed.guidance_embedder.linear_1.weight"),
         (g_params["double_blocks"]["blocks"]["txt_attn"]["q_norm"]["scale"][0],
          "transformer_blocks.0.attn.norm_added_q.weight"),
-        (g_params["single_blocks"]["blocks"]["linear2"]["kernel"][0].T, "single_transformer_blocks.0.proj_out.weight"),
+        (g_params["single_blocks"]["blocks"]["linear2"]["kernel"][0].T,
+         "single_transformer_blocks.0.proj_out.weight"),
         (g_params["final_layer"]["linear"]["bias"], "proj_out.bias"),
     ]
     for got, name in checks:

@@ -22,7 +22,8 @@ def _diffusers_rope(x, n_text, h, w, axes, theta=10000):
     from diffusers.models.transformers.transformer_flux import FluxPosEmbed
     from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 
-    ids = torch.cat([torch.zeros(n_text, 3), FluxPipeline._prepare_latent_image_ids(1, h, w, "cpu", torch.float32)])
+    img_ids = FluxPipeline._prepare_latent_image_ids(1, h, w, "cpu", torch.float32)
+    ids = torch.cat([torch.zeros(n_text, 3), img_ids])
     freqs = FluxPosEmbed(theta=theta, axes_dim=list(axes))(ids)
     return ids.numpy(), apply_rotary_emb(torch.from_numpy(x), freqs, sequence_dim=1).numpy()
 

@@ -33,12 +33,14 @@ def test_bfl_writer_inverts_diffusers_converter(ref_and_folder):
     sd = {k: v.clone() for k, v in ref.state_dict().items()}
     g = torch.Generator().manual_seed(0)
     for k in list(sd):
-        if k.startswith("single_transformer_blocks.") and any(n in k for n in ("to_q", "to_k", "to_v", "proj_mlp")):
+        widened = ("to_q", "to_k", "to_v", "proj_mlp")
+        if k.startswith("single_transformer_blocks.") and any(n in k for n in widened):
             rows = 12288 if "proj_mlp" in k else 3072
             sd[k] = torch.randn((rows,) + tuple(sd[k].shape[1:]), generator=g)
     bfl = to_bfl(sd)
     assert not any(k.startswith(("transformer_blocks", "single_transformer_blocks")) for k in bfl)
-    back = convert_flux_transformer_checkpoint_to_diffusers({"model.diffusion_model." + k: v for k, v in bfl.items()})
+    comfy = {"model.diffusion_model." + k: v for k, v in bfl.items()}
+    back = convert_flux_transformer_checkpoint_to_diffusers(comfy)
     assert sorted(back) == sorted(sd)
     for k in sd:
         assert torch.equal(back[k], sd[k]), k

@@ -125,7 +125,8 @@ _KEYS = {
                       double="transformer_blocks.", single="single_transformer_blocks.",
                       q_norm="transformer_blocks.0.attn.norm_q.weight",
                       single_q_norm="single_transformer_blocks.0.attn.norm_q.weight",
-                      qkv_bias="transformer_blocks.0.attn.to_q.bias", mlp="transformer_blocks.0.ff.net.0.proj.weight",
+                      qkv_bias="transformer_blocks.0.attn.to_q.bias",
+                      mlp="transformer_blocks.0.ff.net.0.proj.weight",
                       single_mlp_out="single_transformer_blocks.0.proj_out.weight"),
 }
 
