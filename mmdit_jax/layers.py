@@ -10,6 +10,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
 
@@ -119,9 +120,13 @@ class Modulation(nnx.Module):
 def timestep_embedding(t, dim: int = 256, max_period: float = 10000.0):
     """Sinusoidal embedding [cos, sin] with freqs exp(-ln(max_period) * i / (dim/2)), in float32.
 
-    `t` is the already-scaled time (1000 * sigma). Half-precision here would quantise the phase."""
+    `t` is the already-scaled time (1000 * sigma). Half-precision here would quantise the phase.
+    The phase t * freq reaches ~5000 (FLUX guidance), so freq is a correctly rounded float32 constant
+    (exp taken in float64): XLA's float32 exp is off by an ulp on some entries, which moves the
+    sinusoid by ~1e-4."""
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
+    freqs = jnp.asarray(np.exp(exponent.astype(np.float64)).astype(np.float32))
     args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
     emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
     if dim % 2:

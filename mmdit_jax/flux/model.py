@@ -1,0 +1,178 @@
+"""FLUX.1 transformer in Flax NNX, read top to bottom as in BFL's model.py.
+
+latents (B, H, W, 16) -> 2x2 packing to 64-channel tokens -> img_in; T5 context -> txt_in;
+vec = time_in(t) [+ guidance_in(g)] + vector_in(pooled) -> double-stream blocks (per-stream weights,
+joint attention over [text; image] with RoPE) -> single-stream blocks on the joint sequence ->
+text tokens dropped -> final adaLN layer -> unpacking.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from mmdit_jax.attention import attention
+from mmdit_jax.errors import MMDiTError
+from mmdit_jax.flux.config import FluxConfig
+from mmdit_jax.flux.rope import apply_rope, rope_tables
+from mmdit_jax.layers import (MLP, Linear, MLPEmbedder, Modulation, RMSNorm, gelu_tanh, layer_norm,
+                              merge_heads, modulate, split_heads, timestep_embedding)
+from mmdit_jax.stacking import Stack
+
+TIME_FACTOR = 1000.0  # sigma and guidance scale both enter the sinusoid multiplied by 1000
+
+
+class StreamAttention(nnx.Module):
+    """One stream's fused qkv with per-head RMS QK-norm, and its output projection."""
+
+    def __init__(self, cfg: FluxConfig, *, param_dtype, rngs):
+        d = cfg.hidden_size
+        self.heads = cfg.num_heads
+        self.qkv = Linear(d, 3 * d, axes=("embed", "qkv"), use_bias=cfg.qkv_bias, param_dtype=param_dtype,
+                          rngs=rngs)
+        self.q_norm = RMSNorm(cfg.head_dim, param_dtype=param_dtype, rngs=rngs)
+        self.k_norm = RMSNorm(cfg.head_dim, param_dtype=param_dtype, rngs=rngs)
+        self.proj = Linear(d, d, axes=("heads", "embed"), param_dtype=param_dtype, rngs=rngs)
+
+    def qkv_heads(self, x):
+        qkv = checkpoint_name(self.qkv(x), "qkv")
+        q, k, v = (split_heads(t, self.heads) for t in jnp.split(qkv, 3, axis=-1))
+        return self.q_norm(q), self.k_norm(k), v
+
+
+class DoubleBlock(nnx.Module):
+    """Text and image streams with their own weights, attending jointly over [text; image]."""
+
+    def __init__(self, cfg: FluxConfig, *, param_dtype, rngs):
+        d, kw = cfg.hidden_size, dict(param_dtype=param_dtype, rngs=rngs)
+        self.img_mod = Modulation(d, 6, **kw)
+        self.img_attn = StreamAttention(cfg, **kw)
+        self.img_mlp = MLP(d, cfg.mlp_hidden, **kw)
+        self.txt_mod = Modulation(d, 6, **kw)
+        self.txt_attn = StreamAttention(cfg, **kw)
+        self.txt_mlp = MLP(d, cfg.mlp_hidden, **kw)
+
+    def __call__(self, carry, vec, cos, sin):
+        txt, img = carry
+        # chunks: shift, scale, gate (attention), then shift, scale, gate (MLP)
+        im = self.img_mod(vec)
+        tm = self.txt_mod(vec)
+        qi, ki, vi = self.img_attn.qkv_heads(modulate(layer_norm(img), im[0], im[1]))
+        qt, kt, vt = self.txt_attn.qkv_heads(modulate(layer_norm(txt), tm[0], tm[1]))
+        q = apply_rope(jnp.concatenate([qt, qi], 1), cos, sin)
+        k = apply_rope(jnp.concatenate([kt, ki], 1), cos, sin)
+        out = checkpoint_name(attention(q, k, jnp.concatenate([vt, vi], 1)), "attn_out")
+        n_txt = txt.shape[1]
+        out_t, out_i = merge_heads(out[:, :n_txt]), merge_heads(out[:, n_txt:])
+
+        img = img + im[2][:, None] * self.img_attn.proj(out_i)
+        img = img + im[5][:, None] * self.img_mlp(modulate(layer_norm(img), im[3], im[4]))
+        txt = txt + tm[2][:, None] * self.txt_attn.proj(out_t)
+        txt = txt + tm[5][:, None] * self.txt_mlp(modulate(layer_norm(txt), tm[3], tm[4]))
+        return txt, img
+
+
+class SingleBlock(nnx.Module):
+    """One stream over the joint sequence: attention and MLP computed in parallel from one input.
+
+    linear1 emits [q, k, v, mlp_in] in one matmul; linear2 reads [attn_out, gelu(mlp_in)]."""
+
+    def __init__(self, cfg: FluxConfig, *, param_dtype, rngs):
+        d, kw = cfg.hidden_size, dict(param_dtype=param_dtype, rngs=rngs)
+        self.heads, self.hidden = cfg.num_heads, d
+        self.modulation = Modulation(d, 3, **kw)  # shift, scale, gate
+        self.linear1 = Linear(d, 3 * d + cfg.mlp_hidden, axes=("embed", "mlp"), **kw)
+        self.q_norm = RMSNorm(cfg.head_dim, **kw)
+        self.k_norm = RMSNorm(cfg.head_dim, **kw)
+        self.linear2 = Linear(d + cfg.mlp_hidden, d, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x, vec, cos, sin):
+        shift, scale, gate = self.modulation(vec)
+        h = self.linear1(modulate(layer_norm(x), shift, scale))
+        qkv, mlp = h[..., :3 * self.hidden], h[..., 3 * self.hidden:]
+        qkv = checkpoint_name(qkv, "qkv")
+        q, k, v = (split_heads(t, self.heads) for t in jnp.split(qkv, 3, axis=-1))
+        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        attn = checkpoint_name(attention(q, k, v), "attn_out")
+        mlp = checkpoint_name(gelu_tanh(mlp), "mlp_hidden")
+        return x + gate[:, None] * self.linear2(jnp.concatenate([merge_heads(attn), mlp], axis=-1))
+
+
+class FinalLayer(nnx.Module):
+    def __init__(self, dim: int, out: int, *, param_dtype, rngs):
+        self.mod = Modulation(dim, 2, param_dtype=param_dtype, rngs=rngs)  # (shift, scale), BFL order
+        self.linear = Linear(dim, out, axes=("embed", "out"), kernel_init=nnx.initializers.zeros_init(),
+                             param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, vec):
+        shift, scale = self.mod(vec)
+        return self.linear(modulate(layer_norm(x), shift, scale))
+
+
+def pack(latents):
+    """(B, H, W, C) -> (B, H/2 * W/2, C*4), token channels ordered (c, ph, pw) as FLUX was trained."""
+    b, hh, ww, c = latents.shape
+    x = latents.reshape(b, hh // 2, 2, ww // 2, 2, c).transpose(0, 1, 3, 5, 2, 4)
+    return x.reshape(b, (hh // 2) * (ww // 2), c * 4)
+
+
+def unpack(tokens, hh: int, ww: int):
+    """Inverse of `pack`: (B, H/2 * W/2, C*4) -> (B, H, W, C)."""
+    b, _, d = tokens.shape
+    c = d // 4
+    x = tokens.reshape(b, hh // 2, ww // 2, c, 2, 2).transpose(0, 1, 4, 2, 5, 3)
+    return x.reshape(b, hh, ww, c)
+
+
+class Flux(nnx.Module):
+    def __init__(self, cfg: FluxConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = cfg
+        d, kw = cfg.hidden_size, dict(param_dtype=param_dtype, rngs=rngs)
+        self.img_in = Linear(cfg.in_channels, d, axes=("patch", "embed"), **kw)
+        self.time_in = MLPEmbedder(256, d, **kw)
+        self.guidance_in = MLPEmbedder(256, d, **kw) if cfg.guidance_embed else None
+        self.vector_in = MLPEmbedder(cfg.pooled_dim, d, **kw)
+        self.txt_in = Linear(cfg.context_dim, d, axes=("cond", "embed"), **kw)
+        # one scan per block kind; an empty stack (a truncated test config) is simply absent
+        self.double_blocks = Stack(lambda r: DoubleBlock(cfg, param_dtype=param_dtype, rngs=r),
+                                   cfg.depth, rngs=rngs) if cfg.depth else None
+        self.single_blocks = Stack(lambda r: SingleBlock(cfg, param_dtype=param_dtype, rngs=r),
+                                   cfg.depth_single, rngs=rngs) if cfg.depth_single else None
+        self.final_layer = FinalLayer(d, cfg.out_channels, **kw)
+
+    def _check(self, latents, guidance):
+        cfg = self.config
+        if cfg.guidance_embed and guidance is None:
+            raise MMDiTError("this FLUX model (dev-style) has a guidance embedder: pass guidance=(B,) "
+                             "guidance scales, e.g. 3.5")
+        if not cfg.guidance_embed and guidance is not None:
+            raise MMDiTError("this FLUX model (schnell-style) has no guidance embedder; pass guidance=None")
+        if latents.ndim != 4 or latents.shape[-1] != cfg.latent_channels:
+            raise MMDiTError(f"latents of shape {latents.shape}: need (B, H, W, {cfg.latent_channels})")
+        if latents.shape[1] % 2 or latents.shape[2] % 2:
+            raise MMDiTError(f"latents of shape {latents.shape}: H and W must be even (FLUX packs 2x2 "
+                             "latent pixels into one token)")
+
+    def __call__(self, latents, sigma, context, pooled, guidance=None, *, remat: str = "none"):
+        cfg = self.config
+        self._check(latents, guidance)
+        b, hh, ww, _ = latents.shape
+        dtype = self.img_in.kernel[...].dtype
+        img = self.img_in(pack(latents.astype(dtype)))
+        txt = self.txt_in(context.astype(dtype))
+        sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (b,))
+        vec = self.time_in(timestep_embedding(TIME_FACTOR * sigma))
+        if self.guidance_in is not None:
+            g = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (b,))
+            vec = vec + self.guidance_in(timestep_embedding(TIME_FACTOR * g))
+        vec = vec + self.vector_in(pooled.astype(dtype))
+        cos, sin = rope_tables(txt.shape[1], hh // 2, ww // 2, cfg.axes_dim, cfg.theta)
+
+        if self.double_blocks is not None:
+            txt, img = self.double_blocks((txt, img), vec, cos, sin, remat=remat)
+        n_txt = txt.shape[1]
+        x = jnp.concatenate([txt, img], axis=1)
+        if self.single_blocks is not None:
+            x = self.single_blocks(x, vec, cos, sin, remat=remat)
+        img = x[:, n_txt:]  # text tokens are dropped: only image tokens are predicted
+        return unpack(self.final_layer(img, vec), hh, ww)
