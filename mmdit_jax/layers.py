@@ -117,6 +117,19 @@ class Modulation(nnx.Module):
         return jnp.split(self.lin(jax.nn.silu(c)), self.n, axis=-1)
 
 
+class FinalLayer(nnx.Module):
+    """adaLN (shift, scale) -> LayerNorm -> Linear to patch values; zero-initialised output."""
+
+    def __init__(self, dim: int, out: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.mod = Modulation(dim, 2, param_dtype=param_dtype, rngs=rngs)  # (shift, scale) as SAI/BFL
+        self.linear = Linear(dim, out, axes=("embed", "out"), kernel_init=zeros, param_dtype=param_dtype,
+                             rngs=rngs)
+
+    def __call__(self, x, c):
+        shift, scale = self.mod(c)
+        return self.linear(modulate(layer_norm(x), shift, scale))
+
+
 def timestep_embedding(t, dim: int = 256, max_period: float = 10000.0):
     """Sinusoidal embedding [cos, sin] with freqs exp(-ln(max_period) * i / (dim/2)), in float32.
 

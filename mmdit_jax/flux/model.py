@@ -15,8 +15,8 @@ from mmdit_jax.attention import attention
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.flux.config import FluxConfig
 from mmdit_jax.flux.rope import apply_rope, rope_tables
-from mmdit_jax.layers import (MLP, Linear, MLPEmbedder, Modulation, RMSNorm, gelu_tanh, layer_norm,
-                              merge_heads, modulate, split_heads, timestep_embedding)
+from mmdit_jax.layers import (FinalLayer, Linear, MLP, MLPEmbedder, Modulation, RMSNorm, gelu_tanh,
+                              layer_norm, merge_heads, modulate, split_heads, timestep_embedding)
 from mmdit_jax.stacking import Stack
 
 TIME_FACTOR = 1000.0  # sigma and guidance scale both enter the sinusoid multiplied by 1000
@@ -96,17 +96,6 @@ class SingleBlock(nnx.Module):
         attn = checkpoint_name(attention(q, k, v), "attn_out")
         mlp = checkpoint_name(gelu_tanh(mlp), "mlp_hidden")
         return x + gate[:, None] * self.linear2(jnp.concatenate([merge_heads(attn), mlp], axis=-1))
-
-
-class FinalLayer(nnx.Module):
-    def __init__(self, dim: int, out: int, *, param_dtype, rngs):
-        self.mod = Modulation(dim, 2, param_dtype=param_dtype, rngs=rngs)  # (shift, scale), BFL order
-        self.linear = Linear(dim, out, axes=("embed", "out"), kernel_init=nnx.initializers.zeros_init(),
-                             param_dtype=param_dtype, rngs=rngs)
-
-    def __call__(self, x, vec):
-        shift, scale = self.mod(vec)
-        return self.linear(modulate(layer_norm(x), shift, scale))
 
 
 def pack(latents):

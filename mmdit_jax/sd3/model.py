@@ -12,8 +12,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from mmdit_jax.attention import attention
 from mmdit_jax.errors import MMDiTError
-from mmdit_jax.layers import (MLP, Buffer, Linear, MLPEmbedder, Modulation, RMSNorm, layer_norm,
-                              merge_heads, modulate, split_heads, timestep_embedding)
+from mmdit_jax.layers import (Buffer, FinalLayer, Linear, MLP, MLPEmbedder, Modulation, RMSNorm,
+                              layer_norm, merge_heads, modulate, split_heads, timestep_embedding)
 from mmdit_jax.sd3.config import MMDiTConfig
 from mmdit_jax.stacking import Stack
 
@@ -112,17 +112,6 @@ class JointBlock(nnx.Module):
         if not self.pre_only:
             ctx = self.context_block.update(ctx, out_c, cm[3], cm[4], cm[2], cm[5])
         return ctx, new_x
-
-
-class FinalLayer(nnx.Module):
-    def __init__(self, dim: int, out: int, *, param_dtype, rngs):
-        self.mod = Modulation(dim, 2, param_dtype=param_dtype, rngs=rngs)  # (shift, scale)
-        self.linear = Linear(dim, out, axes=("embed", "out"), kernel_init=nnx.initializers.zeros_init(),
-                             param_dtype=param_dtype, rngs=rngs)
-
-    def __call__(self, x, c):
-        shift, scale = self.mod(c)
-        return self.linear(modulate(layer_norm(x), shift, scale))
 
 
 class MMDiT(nnx.Module):
