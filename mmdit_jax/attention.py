@@ -50,22 +50,34 @@ def _resolve(backend: str, dtype) -> str:
     return "xla"
 
 
-def attention(q, k, v, *, backend: str | None = None):
-    """softmax(q k^T / sqrt(D)) v over the full (unmasked) sequence; returns (B, Lq, H, D)."""
+def attention(q, k, v, *, bias=None, is_causal: bool = False, scale: float | None = None,
+              backend: str | None = None):
+    """softmax(scale * q k^T + bias [causal mask]) v; returns (B, Lq, H, D).
+
+    scale defaults to 1/sqrt(D) (T5 passes 1.0); bias broadcasts to (B, H, Lq, Lk) (T5's relative
+    position bias). The splash kernel takes neither bias nor masks here: such calls use XLA on TPU."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     name = _resolve(backend or default_backend(), q.dtype)
+    if name == "splash" and (bias is not None or is_causal):
+        name = "xla"
     if name == "xla":
-        return _xla(q, k, v)
+        return _xla(q, k, v, bias, is_causal, scale)
     if name == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=is_causal, scale=scale,
+                                            implementation="cudnn")
     if name == "splash":
-        return _splash(q, k, v, interpret=jax.default_backend() != "tpu")
+        return _splash(q * scale, k, v, interpret=jax.default_backend() != "tpu")
     raise ValueError(f"unknown attention backend {name!r}; expected one of {BACKENDS}")
 
 
-def _xla(q, k, v):
-    scale = 1.0 / math.sqrt(q.shape[-1])
+def _xla(q, k, v, bias, is_causal, scale):
     acc = jnp.promote_types(q.dtype, jnp.float32)  # softmax in at least float32
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=acc) * scale
+    if bias is not None:
+        logits = logits + bias.astype(acc)
+    if is_causal:
+        lq, lk = logits.shape[-2:]
+        logits = jnp.where(jnp.tril(jnp.ones((lq, lk), bool), lk - lq), logits, jnp.finfo(acc).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
@@ -91,12 +103,11 @@ def _splash_kernel(heads: int, lq: int, lk: int, valid_k: int, interpret: bool):
 
 
 def _splash(q, k, v, *, interpret: bool):
-    b, lq, h, d = q.shape
+    b, lq, h, _ = q.shape
     lk = k.shape[1]
     pad_q, pad_k = (-lq) % _BLOCK, (-lk) % _BLOCK
-    scale = 1.0 / math.sqrt(d)
-    # The kernel takes (H, L, D) per example and applies no scale of its own.
-    qt = jnp.pad(q * scale, ((0, 0), (0, pad_q), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    # The kernel takes (H, L, D) per example and applies no scale of its own (q comes pre-scaled).
+    qt = jnp.pad(q, ((0, 0), (0, pad_q), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
     kt = jnp.pad(k, ((0, 0), (0, pad_k), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
     vt = jnp.pad(v, ((0, 0), (0, pad_k), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
     kernel = _splash_kernel(h, lq + pad_q, lk + pad_k, lk, interpret)

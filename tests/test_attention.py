@@ -51,3 +51,15 @@ def test_gradients_match_torch_autograd():
     grads = jax.grad(lambda *a: jnp.sum(mj.attention(*a) * cot), argnums=(0, 1, 2))(q, k, v)
     for g, t in zip(grads, (tq, tk, tv)):
         assert max_rel_err(g, t.grad.transpose(1, 2).numpy()) < 1e-5
+
+
+def test_bias_causal_and_scale_match_torch():
+    q, k, v = _qkv(lq=11, lk=11)
+    bias = np.random.default_rng(5).standard_normal((1, 3, 11, 11)).astype(np.float32)
+    t = [torch.tensor(a).transpose(1, 2) for a in (q, k, v)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*t, attn_mask=torch.tensor(bias), scale=1.0)
+    out = mj.attention(q, k, v, bias=bias, scale=1.0, backend="xla")
+    assert max_rel_err(out, ref.transpose(1, 2).numpy()) < 1e-6
+    ref = torch.nn.functional.scaled_dot_product_attention(*t, is_causal=True)
+    out = mj.attention(q, k, v, is_causal=True, backend="xla")
+    assert max_rel_err(out, ref.transpose(1, 2).numpy()) < 1e-6

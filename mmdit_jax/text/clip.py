@@ -8,12 +8,12 @@ Every layer's output is returned (before the final LayerNorm) so "penultimate la
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mmdit_jax.attention import attention
 from mmdit_jax.layers import Linear, layer_norm, merge_heads, ones, param, split_heads, zeros
 from mmdit_jax.stacking import Stack
 
@@ -74,20 +74,9 @@ class CLIPLayer(nnx.Module):
         # x: float32 residual stream; the matmuls run in the parameter dtype.
         h = self.ln1(x)
         q, k, v = (split_heads(f(h), self.heads) for f in (self.q, self.k, self.v))
-        x = x + self.out(causal_attention(q, k, v)).astype(jnp.float32)
+        x = x + self.out(merge_heads(attention(q, k, v, is_causal=True))).astype(jnp.float32)
         h = ACTIVATIONS[self.act](self.fc1(self.ln2(x)))
         return x + self.fc2(h).astype(jnp.float32)
-
-
-def causal_attention(q, k, v):
-    """softmax(q k^T / sqrt(D) + causal mask) v with the softmax in float32; (B, L, H, D) layout."""
-    L = q.shape[1]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    logits = logits / math.sqrt(q.shape[-1])
-    mask = jnp.tril(jnp.ones((L, L), dtype=bool))
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return merge_heads(jnp.einsum("bhqk,bkhd->bqhd", probs, v))
 
 
 class CLIPText(nnx.Module):

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mmdit_jax.attention import attention
 from mmdit_jax.layers import Linear, merge_heads, ones, param, split_heads
 from mmdit_jax.stacking import Stack
 
@@ -92,9 +93,8 @@ class T5Layer(nnx.Module):
         h = self.ln_attn(x)
         q, k, v = (split_heads(f(h), self.heads) for f in (self.q, self.k, self.v))
         # no 1/sqrt(d) scale: T5 folds it into the initialisation of q
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) + bias
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        x = x + self.o(merge_heads(jnp.einsum("bhqk,bkhd->bqhd", probs, v))).astype(jnp.float32)
+        out = attention(q, k, v, bias=bias, scale=1.0)
+        x = x + self.o(merge_heads(out)).astype(jnp.float32)
         h = self.ln_ff(x)
         g = jax.nn.gelu(self.wi_0(h), approximate=True) * self.wi_1(h)
         return x + self.wo(g).astype(jnp.float32)
