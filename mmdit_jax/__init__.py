@@ -4,8 +4,9 @@ from mmdit_jax.errors import MMDiTError
 from mmdit_jax.families import preset
 from mmdit_jax.sd3.config import MMDiTConfig
 from mmdit_jax.transformer import Transformer, count_params, load_transformer
+from mmdit_jax.vae import VAE, VAEConfig, load_vae
 
 __version__ = "0.1.0"
 
 __all__ = ["MMDiTConfig", "MMDiTError", "Transformer", "attention", "attention_backend", "count_params",
-           "load_transformer", "preset"]
+           "load_transformer", "load_vae", "preset", "VAE", "VAEConfig"]

@@ -1,0 +1,155 @@
+"""The public VAE object and `load_vae`.
+
+`vae.encode(images)` -> latents = (posterior mean - shift) * scale; `vae.decode(latents)` -> images
+(decoder(z / scale + shift), in [-1, 1] up to the network's overshoot, not clipped). Images are
+(B, H, W, C) NHWC with H, W multiples of the downsample factor (8 for released VAEs). Outputs are
+float32 whatever the parameter dtype.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mmdit_jax.errors import MMDiTError
+from mmdit_jax.io import rules
+from mmdit_jax.io.sources import PrefixView, open_component
+from mmdit_jax.transformer import parse_dtype
+from mmdit_jax.vae import tiling, weights
+from mmdit_jax.vae.config import VAEConfig
+from mmdit_jax.vae.model import AutoencoderKL
+
+
+def _build(cfg, dtype, seed=0):
+    return AutoencoderKL(cfg, param_dtype=dtype, rngs=nnx.Rngs(seed))
+
+
+class VAE:
+    """Config + params; `encode_apply(params, x)` / `decode_apply(params, z)` are pure, `encode` / `decode`
+    run them jitted with `self.params` (compiled once per input shape)."""
+
+    def __init__(self, config: VAEConfig, params, dtype=jnp.float32):
+        self.config = config
+        self.dtype = parse_dtype(dtype)
+        self._graphdef, self._template = nnx.split(nnx.eval_shape(lambda: _build(config, self.dtype)))
+        self.params = params
+        self._encode = jax.jit(self.encode_apply)
+        self._decode = jax.jit(self.decode_apply)
+        # raw (unscaled) networks for tiles: scale/shift are applied once to the whole array instead
+        self._mean_tile = jax.jit(lambda p, x: self.module(p).encode_mean(x).astype(jnp.float32))
+        self._decode_tile = jax.jit(lambda p, z: self.module(p).decode(z).astype(jnp.float32))
+
+    @classmethod
+    def init(cls, config: VAEConfig, seed: int = 0, dtype="float32") -> "VAE":
+        """Random weights (torch's default conv init); for tests and training from scratch."""
+        dtype = parse_dtype(dtype)
+        module = nnx.jit(lambda: _build(config, dtype, seed))()
+        return cls(config, nnx.state(module).to_pure_dict(), dtype)
+
+    def module(self, params) -> AutoencoderKL:
+        state = jax.tree.map(lambda x: x, self._template)
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self._graphdef, state)
+
+    # pure functions -----------------------------------------------------------------------------
+    def encode_apply(self, params, images):
+        mean = self.module(params).encode_mean(images.astype(self.dtype)).astype(jnp.float32)
+        return (mean - self.config.shift_factor) * self.config.scaling_factor
+
+    def decode_apply(self, params, latents):
+        z = latents.astype(jnp.float32) / self.config.scaling_factor + self.config.shift_factor
+        return self.module(params).decode(z.astype(self.dtype)).astype(jnp.float32)
+
+    # jitted entry points ------------------------------------------------------------------------
+    def _check(self, x, channels, what, factor):
+        if x.ndim != 4 or x.shape[-1] != channels:
+            raise MMDiTError(f"{what} must be (B, H, W, {channels}) NHWC, got shape {tuple(x.shape)}")
+        if factor > 1 and (x.shape[1] % factor or x.shape[2] % factor):
+            raise MMDiTError(f"{what} height and width must be multiples of {factor}, got "
+                             f"{x.shape[1]}x{x.shape[2]}")
+
+    def encode(self, images):
+        self._check(images, self.config.in_channels, "images", self.config.downsample_factor)
+        return self._encode(self.params, images)
+
+    def decode(self, latents):
+        self._check(latents, self.config.latent_channels, "latents", 1)
+        return self._decode(self.params, latents)
+
+    def encode_tiled(self, images, tile_size: int = 512, overlap: float = 0.25):
+        """Encode tile by tile (`tile_size` pixels, fraction `overlap` shared with the neighbours);
+        images that fit in one tile are encoded whole, as diffusers does."""
+        f = self.config.downsample_factor
+        self._check(images, self.config.in_channels, "images", f)
+        self._check_tile(tile_size, overlap, f, True)
+        h, w = images.shape[1:3]
+        if h <= tile_size and w <= tile_size:
+            return self.encode(images)
+        x = np.asarray(images)
+        mean = tiling.run_tiled(lambda t: self._mean_tile(self.params, t), x, tile_size,
+                                tile_size // f, overlap)
+        return jnp.asarray((mean - np.float32(self.config.shift_factor)) * np.float32(self.config.scaling_factor))
+
+    def decode_tiled(self, latents, tile_size: int = 512, overlap: float = 0.25):
+        """Decode tile by tile; `tile_size` is in output pixels (latent tiles are tile_size / 8)."""
+        f = self.config.downsample_factor
+        self._check(latents, self.config.latent_channels, "latents", 1)
+        self._check_tile(tile_size, overlap, f, False)
+        lt = tile_size // f
+        if latents.shape[1] <= lt and latents.shape[2] <= lt:
+            return self.decode(latents)
+        z = np.asarray(latents, np.float32) / np.float32(self.config.scaling_factor) \
+            + np.float32(self.config.shift_factor)
+        return jnp.asarray(tiling.run_tiled(lambda t: self._decode_tile(self.params, t), z, lt, tile_size,
+                                            overlap))
+
+    @staticmethod
+    def _check_tile(tile_size, overlap, f, pixel_stride: bool):
+        # encoding steps through pixels, so its stride must also land on latent pixel boundaries
+        stride = int(tile_size * (1 - overlap)) if pixel_stride else f
+        if tile_size <= 0 or tile_size % f or stride % f:
+            raise MMDiTError(f"tile_size {tile_size} with overlap {overlap}: tiles"
+                             + (" and strides" if pixel_stride else "")
+                             + f" must be positive multiples of the downsample factor {f}")
+
+
+def _converter(dtype):
+    np_dtype = np.dtype(dtype)
+
+    def convert(arr, target):
+        return jnp.asarray(np.asarray(arr).astype(np_dtype, copy=False))
+
+    return convert
+
+
+def load_vae(path, dtype="float32", *, family: str | None = None, config: VAEConfig | None = None) -> VAE:
+    """The 16-channel KL VAE from a diffusers pipeline folder (its vae/), an AutoencoderKL component
+    folder, or a single .safetensors file in the LDM layout (SD3 files, keys under `first_stage_model.`;
+    BFL's `ae.safetensors`, bare keys) or the diffusers layout.
+
+    Latent scale/shift: a folder's config.json gives them. A single file carries none, so they come
+    from `family` ("sd3" or "flux") when given, else from where the keys sit: `first_stage_model.`
+    (an SD3 checkpoint) means "sd3", bare or `vae.` keys (BFL's ae.safetensors) mean "flux". An explicit
+    `family` also overrides a config.json's values. `config` replaces detection entirely (needed only
+    for networks whose GroupNorm group count is not 32, which weights can not reveal)."""
+    dtype = parse_dtype(dtype)
+    src = open_component(path, "vae")
+    tensors, layout, origin = src.tensors, "diffusers", src.origin
+    if src.config is not None:
+        detected = VAEConfig.from_diffusers(src.config, origin)
+    else:
+        try:
+            prefix, layout = weights.detect_single_file(tensors)
+        except MMDiTError as e:
+            raise MMDiTError(f"{origin}: {e}") from None
+        tensors = PrefixView(tensors, prefix) if prefix else tensors
+        detected = weights.config_from_weights(tensors, layout, origin)
+        detected = detected.with_family(family or ("sd3" if prefix == "first_stage_model." else "flux"))
+    cfg = config if config is not None else detected
+    if family is not None and config is None:
+        cfg = cfg.with_family(family)
+    _, template = nnx.split(nnx.eval_shape(lambda: _build(cfg, dtype)))
+    params = rules.import_params(weights.plan(cfg), tensors, layout, template.to_pure_dict(), origin,
+                                 _converter(dtype))
+    return VAE(cfg, params, dtype)
