@@ -7,6 +7,8 @@ float32 whatever the parameter dtype.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +27,38 @@ def _build(cfg, dtype, seed=0):
     return AutoencoderKL(cfg, param_dtype=dtype, rngs=nnx.Rngs(seed))
 
 
+class _Network:
+    """Structure and compiled functions of one (config, dtype); shared by every VAE with that pair, so
+    loading the same network again (another file, another copy) reuses the compiled code."""
+
+    def __init__(self, config: VAEConfig, dtype):
+        self.config, self.dtype = config, dtype
+        self.graphdef, self.template = nnx.split(nnx.eval_shape(lambda: _build(config, dtype)))
+        self.encode = jax.jit(self.encode_apply)
+        self.decode = jax.jit(self.decode_apply)
+        # raw (unscaled) networks for tiles: scale/shift are applied once to the whole array instead
+        self.mean_tile = jax.jit(lambda p, x: self.module(p).encode_mean(x.astype(dtype)).astype(jnp.float32))
+        self.decode_tile = jax.jit(lambda p, z: self.module(p).decode(z.astype(dtype)).astype(jnp.float32))
+
+    def module(self, params) -> AutoencoderKL:
+        state = jax.tree.map(lambda x: x, self.template)
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self.graphdef, state)
+
+    def encode_apply(self, params, images):
+        mean = self.module(params).encode_mean(images.astype(self.dtype)).astype(jnp.float32)
+        return (mean - self.config.shift_factor) * self.config.scaling_factor
+
+    def decode_apply(self, params, latents):
+        z = latents.astype(jnp.float32) / self.config.scaling_factor + self.config.shift_factor
+        return self.module(params).decode(z.astype(self.dtype)).astype(jnp.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _network(config: VAEConfig, dtype) -> _Network:
+    return _Network(config, dtype)
+
+
 class VAE:
     """Config + params; `encode_apply(params, x)` / `decode_apply(params, z)` are pure, `encode` / `decode`
     run them jitted with `self.params` (compiled once per input shape)."""
@@ -32,13 +66,11 @@ class VAE:
     def __init__(self, config: VAEConfig, params, dtype=jnp.float32):
         self.config = config
         self.dtype = parse_dtype(dtype)
-        self._graphdef, self._template = nnx.split(nnx.eval_shape(lambda: _build(config, self.dtype)))
         self.params = params
-        self._encode = jax.jit(self.encode_apply)
-        self._decode = jax.jit(self.decode_apply)
-        # raw (unscaled) networks for tiles: scale/shift are applied once to the whole array instead
-        self._mean_tile = jax.jit(lambda p, x: self.module(p).encode_mean(x).astype(jnp.float32))
-        self._decode_tile = jax.jit(lambda p, z: self.module(p).decode(z).astype(jnp.float32))
+        self._net = _network(config, self.dtype)
+        self.encode_apply, self.decode_apply = self._net.encode_apply, self._net.decode_apply
+        self._encode, self._decode = self._net.encode, self._net.decode
+        self._mean_tile, self._decode_tile = self._net.mean_tile, self._net.decode_tile
 
     @classmethod
     def init(cls, config: VAEConfig, seed: int = 0, dtype="float32") -> "VAE":
@@ -47,19 +79,9 @@ class VAE:
         module = nnx.jit(lambda: _build(config, dtype, seed))()
         return cls(config, nnx.state(module).to_pure_dict(), dtype)
 
-    def module(self, params) -> AutoencoderKL:
-        state = jax.tree.map(lambda x: x, self._template)
-        nnx.replace_by_pure_dict(state, params)
-        return nnx.merge(self._graphdef, state)
-
-    # pure functions -----------------------------------------------------------------------------
-    def encode_apply(self, params, images):
-        mean = self.module(params).encode_mean(images.astype(self.dtype)).astype(jnp.float32)
-        return (mean - self.config.shift_factor) * self.config.scaling_factor
-
-    def decode_apply(self, params, latents):
-        z = latents.astype(jnp.float32) / self.config.scaling_factor + self.config.shift_factor
-        return self.module(params).decode(z.astype(self.dtype)).astype(jnp.float32)
+    def module(self, params=None) -> AutoencoderKL:
+        """The NNX module holding `params` (default: this VAE's)."""
+        return self._net.module(self.params if params is None else params)
 
     # jitted entry points ------------------------------------------------------------------------
     def _check(self, x, channels, what, factor):
@@ -149,7 +171,7 @@ def load_vae(path, dtype="float32", *, family: str | None = None, config: VAECon
     cfg = config if config is not None else detected
     if family is not None and config is None:
         cfg = cfg.with_family(family)
-    _, template = nnx.split(nnx.eval_shape(lambda: _build(cfg, dtype)))
-    params = rules.import_params(weights.plan(cfg), tensors, layout, template.to_pure_dict(), origin,
+    template = _network(cfg, dtype).template.to_pure_dict()
+    params = rules.import_params(weights.plan(cfg), tensors, layout, template, origin,
                                  _converter(dtype))
     return VAE(cfg, params, dtype)
