@@ -136,20 +136,33 @@ def test_bf16_runs_and_error_is_measured(layout):
     assert 1e-4 < enc_err < 5e-2 and 1e-4 < dec_err < 5e-2
 
 
-def test_ldm_layout_matches_diffusers_converter(layout):
+NO_ATTENTION = dataclasses.replace(LAYOUT, mid_block_add_attention=False, layers_per_block=2)
+
+
+@pytest.mark.parametrize("cfg", [LAYOUT, PARITY, NO_ATTENTION], ids=["sd3like", "quant_convs", "no_attn"])
+def test_ldm_layout_matches_diffusers_converter(cfg):
+    """Our LDM key plan, converted by diffusers' own single-file converter, gives diffusers' state dict;
+    and the network is recovered from the LDM tensors' shapes."""
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
     import torch
 
-    tm, cfg, _ = layout
+    tm = torch_vae(cfg)
     ldm = ldm_state_dict(cfg, tm)
-    assert ldm["encoder.mid.attn_1.q.weight"].shape == (64, 64, 1, 1)
-    assert "decoder.up.1.upsample.conv.weight" in ldm  # LDM numbers decoder levels from the narrowest
+    top = cfg.block_out_channels[-1]
+    if cfg.mid_block_add_attention:
+        assert ldm["encoder.mid.attn_1.q.weight"].shape == (top, top, 1, 1)
+    n = len(cfg.block_out_channels)
+    # LDM numbers decoder levels like the encoder's: up.0 is full resolution (run last, no upsampler)
+    assert "decoder.up.0.upsample.conv.weight" not in ldm
+    assert f"decoder.up.{n - 1}.upsample.conv.weight" in ldm
     converted = convert_ldm_vae_checkpoint({k: torch.from_numpy(v) for k, v in ldm.items()},
                                            cfg.to_diffusers())
     ref = tm.state_dict()
     assert sorted(converted) == sorted(ref)
     for k in ref:
         np.testing.assert_array_equal(converted[k].numpy(), ref[k].numpy(), err_msg=k)
+    detected = weights.config_from_weights(ldm, "original", "t", norm_num_groups=cfg.norm_num_groups)
+    assert detected.with_family("sd3") == cfg.with_family("sd3")
 
 
 def test_folder_and_single_files_load_identically(layout):
@@ -165,9 +178,11 @@ def test_folder_and_single_files_load_identically(layout):
     # the tiling test's untiled shapes: the compiled functions are shared (same config and dtype)
     x = np.random.default_rng(2).uniform(-1, 1, (1, 24, 88, 3)).astype(np.float32)
     z = np.random.default_rng(3).standard_normal((1, 28, 44, 16)).astype(np.float32)
+    flat = os.path.join(root, "diffusers_layout.safetensors")  # a diffusers state dict as one file
+    save_file({k: v.numpy() for k, v in tm.state_dict().items()}, flat)
     outs = []
     for path, kw in ((os.path.join(root, "pipe"), {}), (os.path.join(root, "pipe", "vae"), {}),
-                     (bare, {"family": "sd3"}), (sd3, {})):
+                     (bare, {"family": "sd3"}), (sd3, {}), (flat, {"family": "sd3"})):
         vae = load_vae(path, **kw)
         assert vae.config == cfg, path
         outs.append((np.asarray(vae.encode(x)), np.asarray(vae.decode(z))))
@@ -229,5 +244,5 @@ def test_tiled_matches_diffusers_tiling_and_stays_close_to_untiled(layout):
     # a latent that fits in one tile is decoded whole
     np.testing.assert_array_equal(np.asarray(vae.decode_tiled(z[:, :16, :16], tile_size=tile)),
                                   np.asarray(vae.decode(z[:, :16, :16])))
-    with pytest.raises(MMDiTError, match="multiples"):
+    with pytest.raises(MMDiTError, match="multiple"):
         vae.encode_tiled(x, tile_size=33)

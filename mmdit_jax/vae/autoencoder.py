@@ -17,7 +17,7 @@ from flax import nnx
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.io import rules
 from mmdit_jax.io.sources import PrefixView, open_component
-from mmdit_jax.transformer import parse_dtype
+from mmdit_jax.transformer import _converter, parse_dtype
 from mmdit_jax.vae import tiling, weights
 from mmdit_jax.vae.config import VAEConfig
 from mmdit_jax.vae.model import AutoencoderKL
@@ -111,10 +111,12 @@ class VAE:
         x = np.asarray(images)
         mean = tiling.run_tiled(lambda t: self._mean_tile(self.params, t), x, tile_size,
                                 tile_size // f, overlap)
-        return jnp.asarray((mean - np.float32(self.config.shift_factor)) * np.float32(self.config.scaling_factor))
+        scale, shift = np.float32(self.config.scaling_factor), np.float32(self.config.shift_factor)
+        return jnp.asarray((mean - shift) * scale)
 
     def decode_tiled(self, latents, tile_size: int = 512, overlap: float = 0.25):
-        """Decode tile by tile; `tile_size` is in output pixels (latent tiles are tile_size / 8)."""
+        """Decode tile by tile; `tile_size` is in output pixels (latent tiles are tile_size divided by
+        the downsample factor, 8 for released VAEs)."""
         f = self.config.downsample_factor
         self._check(latents, self.config.latent_channels, "latents", 1)
         self._check_tile(tile_size, overlap, f, False)
@@ -127,22 +129,15 @@ class VAE:
                                             overlap))
 
     @staticmethod
-    def _check_tile(tile_size, overlap, f, pixel_stride: bool):
+    def _check_tile(tile_size, overlap, f, encoding: bool):
+        if tile_size <= 0 or tile_size % f:
+            raise MMDiTError(f"tile_size {tile_size} must be a positive multiple of the downsample "
+                             f"factor {f}")
         # encoding steps through pixels, so its stride must also land on latent pixel boundaries
-        stride = int(tile_size * (1 - overlap)) if pixel_stride else f
-        if tile_size <= 0 or tile_size % f or stride % f:
-            raise MMDiTError(f"tile_size {tile_size} with overlap {overlap}: tiles"
-                             + (" and strides" if pixel_stride else "")
-                             + f" must be positive multiples of the downsample factor {f}")
-
-
-def _converter(dtype):
-    np_dtype = np.dtype(dtype)
-
-    def convert(arr, target):
-        return jnp.asarray(np.asarray(arr).astype(np_dtype, copy=False))
-
-    return convert
+        if encoding and int(tile_size * (1 - overlap)) % f:
+            raise MMDiTError(f"tile_size {tile_size} with overlap {overlap} gives a stride of "
+                             f"{int(tile_size * (1 - overlap))} pixels, not a multiple of {f}")
+        tiling.tile_geometry(tile_size, tile_size // f, overlap)  # overlap range, tiles not too small
 
 
 def load_vae(path, dtype="float32", *, family: str | None = None, config: VAEConfig | None = None) -> VAE:

@@ -2,8 +2,8 @@
 
 Layouts: "diffusers" (AutoencoderKL state dict) and "original", the LDM layout of SD3 single files
 (under `first_stage_model.`) and of BFL's `ae.safetensors` (bare keys). The LDM layout numbers decoder
-levels from the narrowest resolution (`decoder.up.{i}` is diffusers' `up_blocks.{n-1-i}`) and keeps the
-mid-block attention projections as 1x1 convs.
+levels by resolution like the encoder's, 0 = full resolution, run last (`decoder.up.{i}` is diffusers'
+`up_blocks.{n-1-i}`), and keeps the mid-block attention projections as 1x1 convs.
 """
 from __future__ import annotations
 
@@ -40,8 +40,10 @@ def _attn_proj(path, d, o):
 
 
 def _resnet(path, d, o, has_shortcut):
-    r = _norm(f"{path}.norm1", f"{d}.norm1", f"{o}.norm1") + _conv(f"{path}.conv1", f"{d}.conv1", f"{o}.conv1")
-    r += _norm(f"{path}.norm2", f"{d}.norm2", f"{o}.norm2") + _conv(f"{path}.conv2", f"{d}.conv2", f"{o}.conv2")
+    r = []
+    for n in ("1", "2"):
+        r += _norm(f"{path}.norm{n}", f"{d}.norm{n}", f"{o}.norm{n}")
+        r += _conv(f"{path}.conv{n}", f"{d}.conv{n}", f"{o}.conv{n}")
     if has_shortcut:
         r += _conv(f"{path}.conv_shortcut", f"{d}.conv_shortcut", f"{o}.nin_shortcut")
     return r
@@ -75,7 +77,7 @@ def rules_for(cfg: VAEConfig):
     r += _mid("encoder.mid", "encoder", "encoder", cfg.mid_block_add_attention)
     r += _norm("encoder.norm_out", "encoder.conv_norm_out", "encoder.norm_out")
     r += _conv("encoder.conv_out", "encoder.conv_out", "encoder.conv_out")
-    # decoder: internal and diffusers index levels from the widest, LDM from the narrowest
+    # decoder: internal and diffusers index levels in execution order (widest first), LDM by resolution
     rch = tuple(reversed(ch))
     r += _conv("decoder.conv_in", "decoder.conv_in", "decoder.conv_in")
     r += _mid("decoder.mid", "decoder", "decoder", cfg.mid_block_add_attention)
