@@ -12,7 +12,7 @@ from conftest import max_rel_err, randomize_torch_
 from mmdit_jax import MMDiTError, load_vae
 from mmdit_jax.io import rules
 from mmdit_jax.io.safetensors_io import save_file
-from mmdit_jax.vae import VAEConfig, weights
+from mmdit_jax.vae import VAE, VAEConfig, weights
 from mmdit_jax.vae.config import FAMILY_SCALE_SHIFT
 
 # Parity model: 3 levels, small groups, quant convs on (the classic SD layout, so those paths run too).
@@ -98,6 +98,10 @@ def test_config_presets_and_diffusers_roundtrip():
     assert VAEConfig.from_diffusers(PARITY.to_diffusers()) == PARITY
     with pytest.raises(MMDiTError, match="AutoencoderKL"):
         VAEConfig.from_diffusers({"_class_name": "AutoencoderTiny"})
+    # random init builds exactly the tree the loaders fill
+    init = VAE.init(LAYOUT, seed=3).params
+    shapes = jax.tree.map(lambda a: (a.shape, a.dtype), init)
+    assert shapes == jax.tree.map(lambda a: (a.shape, a.dtype), _template(LAYOUT))
 
 
 def test_f32_parity_with_diffusers(parity):

@@ -36,22 +36,27 @@ class _Network:
         self.graphdef, self.template = nnx.split(nnx.eval_shape(lambda: _build(config, dtype)))
         self.encode = jax.jit(self.encode_apply)
         self.decode = jax.jit(self.decode_apply)
-        # raw (unscaled) networks for tiles: scale/shift are applied once to the whole array instead
-        self.mean_tile = jax.jit(lambda p, x: self.module(p).encode_mean(x.astype(dtype)).astype(jnp.float32))
-        self.decode_tile = jax.jit(lambda p, z: self.module(p).decode(z.astype(dtype)).astype(jnp.float32))
+        # unscaled networks for tiles: scale/shift are applied once to the whole array instead
+        self.mean_tile = jax.jit(self.raw_mean)
+        self.decode_tile = jax.jit(self.raw_decode)
 
     def module(self, params) -> AutoencoderKL:
         state = jax.tree.map(lambda x: x, self.template)
         nnx.replace_by_pure_dict(state, params)
         return nnx.merge(self.graphdef, state)
 
+    def raw_mean(self, params, images):
+        return self.module(params).encode_mean(images.astype(self.dtype)).astype(jnp.float32)
+
+    def raw_decode(self, params, z):
+        return self.module(params).decode(z.astype(self.dtype)).astype(jnp.float32)
+
     def encode_apply(self, params, images):
-        mean = self.module(params).encode_mean(images.astype(self.dtype)).astype(jnp.float32)
-        return (mean - self.config.shift_factor) * self.config.scaling_factor
+        return (self.raw_mean(params, images) - self.config.shift_factor) * self.config.scaling_factor
 
     def decode_apply(self, params, latents):
         z = latents.astype(jnp.float32) / self.config.scaling_factor + self.config.shift_factor
-        return self.module(params).decode(z.astype(self.dtype)).astype(jnp.float32)
+        return self.raw_decode(params, z)
 
 
 @functools.lru_cache(maxsize=8)
@@ -74,7 +79,7 @@ class VAE:
 
     @classmethod
     def init(cls, config: VAEConfig, seed: int = 0, dtype="float32") -> "VAE":
-        """Random weights (torch's default conv init); for tests and training from scratch."""
+        """Random weights (torch's default bound for conv kernels, xavier linears, zero biases)."""
         dtype = parse_dtype(dtype)
         module = nnx.jit(lambda: _build(config, dtype, seed))()
         return cls(config, nnx.state(module).to_pure_dict(), dtype)

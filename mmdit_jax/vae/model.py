@@ -24,7 +24,7 @@ class Conv(nnx.Module):
 
     def __init__(self, cin: int, cout: int, k: int = 3, *, stride: int = 1, padding=None,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
-        # torch's default init (kaiming-uniform with a=sqrt(5)) reduces to U(-1/sqrt(fan_in), ...)
+        # torch's default kernel init (kaiming-uniform, a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in))
         bound = 1.0 / math.sqrt(cin * k * k)
         init = nnx.initializers.uniform(2 * bound)
         self.kernel = param(lambda key, s, d: init(key, s, d) - bound, rngs.params(), (k, k, cin, cout),
