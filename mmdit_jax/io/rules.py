@@ -7,6 +7,10 @@ qkv). `kind` says how the tensor is stored externally:
 - "vector": bias / norm scale, as is
 - "patch":  conv weight (D, C, p, q) -> kernel (p*q*C, D), i.e. patches flattened as (p, q, c)
 - "table":  (1, N, D) buffer -> (N, D)
+- "conv":   torch conv weight (O, I, kh, kw) -> kernel (kh, kw, I, O) (HWIO, for NHWC convolutions)
+- "pointwise": torch 1x1 conv weight (O, I, 1, 1) -> Linear kernel (I, O)
+`kind` may also be a mapping layout -> kind, for a tensor stored differently per layout (the LDM VAE
+keeps attention projections as 1x1 convs where diffusers has Linears).
 `swapped_in` lists layouts that store the two halves of the output axis in the other order (diffusers'
 AdaLayerNormContinuous keeps (scale, shift) where the internal and original order is (shift, scale)).
 
@@ -28,7 +32,7 @@ from mmdit_jax.errors import MMDiTError
 class Rule:
     path: str
     keys: Mapping[str, tuple[str, ...]]
-    kind: str = "linear"
+    kind: str | Mapping[str, str] = "linear"
     swapped_in: tuple[str, ...] = ()
     parts: tuple[int, ...] | None = None  # output sizes of the keys when they are not equal
 
@@ -61,39 +65,56 @@ def _swap_halves(a, axis):
     return np.concatenate([second, first], axis=axis)
 
 
+def kind_of(rule: Rule, layout: str) -> str:
+    return rule.kind[layout] if isinstance(rule.kind, Mapping) else rule.kind
+
+
 def to_internal(rule: Rule, arrays: Sequence[np.ndarray], layout: str) -> np.ndarray:
     swap = layout in rule.swapped_in
-    if rule.kind in ("linear", "vector"):
+    kind = kind_of(rule, layout)
+    if kind in ("conv", "pointwise"):
+        (w,) = arrays
+        if kind == "conv" and w.ndim == 4:
+            return w.transpose(2, 3, 1, 0)
+        if kind == "pointwise" and (w.ndim == 2 or (w.ndim == 4 and w.shape[2:] == (1, 1))):
+            return w.reshape(w.shape[:2]).T  # a Linear-shaped (O, I) copy is accepted as well
+        return w  # left as is: import_params reports the shape against the model's
+    if kind in ("linear", "vector"):
         a = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
         if swap:
             a = _swap_halves(a, 0)
-        return a.T if rule.kind == "linear" else a
-    if rule.kind == "patch":
+        return a.T if kind == "linear" else a
+    if kind == "patch":
         (w,) = arrays
         return w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0])
-    if rule.kind == "table":
+    if kind == "table":
         (t,) = arrays
         return t.reshape(t.shape[-2], t.shape[-1])
-    raise ValueError(f"unknown rule kind {rule.kind!r}")
+    raise ValueError(f"unknown rule kind {kind!r}")
 
 
 def from_internal(rule: Rule, a: np.ndarray, layout: str, patch: int | None = None) -> list[np.ndarray]:
     n = len(rule.keys[layout])
-    if rule.kind in ("linear", "vector"):
-        a = a.T if rule.kind == "linear" else a
+    kind = kind_of(rule, layout)
+    if kind == "conv":
+        return [np.ascontiguousarray(a.transpose(3, 2, 0, 1))]
+    if kind == "pointwise":
+        return [np.ascontiguousarray(a.T[:, :, None, None])]
+    if kind in ("linear", "vector"):
+        a = a.T if kind == "linear" else a
         if layout in rule.swapped_in:
             a = _swap_halves(a, 0)
         if n == 1:
             return [np.ascontiguousarray(a)]
         cuts = np.cumsum(rule.parts)[:-1] if rule.parts else n
         return [np.ascontiguousarray(x) for x in np.split(a, cuts, axis=0)]
-    if rule.kind == "patch":
+    if kind == "patch":
         d = a.shape[1]
         c = a.shape[0] // (patch * patch)
         return [np.ascontiguousarray(a.reshape(patch, patch, c, d).transpose(3, 2, 0, 1))]
-    if rule.kind == "table":
+    if kind == "table":
         return [a[None]]
-    raise ValueError(f"unknown rule kind {rule.kind!r}")
+    raise ValueError(f"unknown rule kind {kind!r}")
 
 
 def _flat_shapes(tree, prefix=()):

@@ -1,0 +1,177 @@
+"""The public VAE object and `load_vae`.
+
+`vae.encode(images)` -> latents = (posterior mean - shift) * scale; `vae.decode(latents)` -> images
+(decoder(z / scale + shift), in [-1, 1] up to the network's overshoot, not clipped). Images are
+(B, H, W, C) NHWC with H, W multiples of the downsample factor (8 for released VAEs). Outputs are
+float32 whatever the parameter dtype.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mmdit_jax.errors import MMDiTError
+from mmdit_jax.io import rules
+from mmdit_jax.io.sources import PrefixView, open_component
+from mmdit_jax.transformer import _converter, parse_dtype
+from mmdit_jax.vae import tiling, weights
+from mmdit_jax.vae.config import VAEConfig
+from mmdit_jax.vae.model import AutoencoderKL
+
+
+def _build(cfg, dtype, seed=0):
+    return AutoencoderKL(cfg, param_dtype=dtype, rngs=nnx.Rngs(seed))
+
+
+class _Network:
+    """Structure and compiled functions of one (config, dtype); shared by every VAE with that pair, so
+    loading the same network again (another file, another copy) reuses the compiled code."""
+
+    def __init__(self, config: VAEConfig, dtype):
+        self.config, self.dtype = config, dtype
+        self.graphdef, self.template = nnx.split(nnx.eval_shape(lambda: _build(config, dtype)))
+        self.encode = jax.jit(self.encode_apply)
+        self.decode = jax.jit(self.decode_apply)
+        # unscaled networks for tiles: scale/shift are applied once to the whole array instead
+        self.mean_tile = jax.jit(self.raw_mean)
+        self.decode_tile = jax.jit(self.raw_decode)
+
+    def module(self, params) -> AutoencoderKL:
+        state = jax.tree.map(lambda x: x, self.template)
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self.graphdef, state)
+
+    def raw_mean(self, params, images):
+        return self.module(params).encode_mean(images.astype(self.dtype)).astype(jnp.float32)
+
+    def raw_decode(self, params, z):
+        return self.module(params).decode(z.astype(self.dtype)).astype(jnp.float32)
+
+    def encode_apply(self, params, images):
+        return (self.raw_mean(params, images) - self.config.shift_factor) * self.config.scaling_factor
+
+    def decode_apply(self, params, latents):
+        z = latents.astype(jnp.float32) / self.config.scaling_factor + self.config.shift_factor
+        return self.raw_decode(params, z)
+
+
+@functools.lru_cache(maxsize=8)
+def _network(config: VAEConfig, dtype) -> _Network:
+    return _Network(config, dtype)
+
+
+class VAE:
+    """Config + params; `encode_apply(params, x)` / `decode_apply(params, z)` are pure, `encode` / `decode`
+    run them jitted with `self.params` (compiled once per input shape)."""
+
+    def __init__(self, config: VAEConfig, params, dtype=jnp.float32):
+        self.config = config
+        self.dtype = parse_dtype(dtype)
+        self.params = params
+        self._net = _network(config, self.dtype)
+        self.encode_apply, self.decode_apply = self._net.encode_apply, self._net.decode_apply
+        self._encode, self._decode = self._net.encode, self._net.decode
+        self._mean_tile, self._decode_tile = self._net.mean_tile, self._net.decode_tile
+
+    @classmethod
+    def init(cls, config: VAEConfig, seed: int = 0, dtype="float32") -> "VAE":
+        """Random weights (torch's default bound for conv kernels, xavier linears, zero biases)."""
+        dtype = parse_dtype(dtype)
+        module = nnx.jit(lambda: _build(config, dtype, seed))()
+        return cls(config, nnx.state(module).to_pure_dict(), dtype)
+
+    def module(self, params=None) -> AutoencoderKL:
+        """The NNX module holding `params` (default: this VAE's)."""
+        return self._net.module(self.params if params is None else params)
+
+    # jitted entry points ------------------------------------------------------------------------
+    def _check(self, x, channels, what, factor):
+        if x.ndim != 4 or x.shape[-1] != channels:
+            raise MMDiTError(f"{what} must be (B, H, W, {channels}) NHWC, got shape {tuple(x.shape)}")
+        if factor > 1 and (x.shape[1] % factor or x.shape[2] % factor):
+            raise MMDiTError(f"{what} height and width must be multiples of {factor}, got "
+                             f"{x.shape[1]}x{x.shape[2]}")
+
+    def encode(self, images):
+        self._check(images, self.config.in_channels, "images", self.config.downsample_factor)
+        return self._encode(self.params, images)
+
+    def decode(self, latents):
+        self._check(latents, self.config.latent_channels, "latents", 1)
+        return self._decode(self.params, latents)
+
+    def encode_tiled(self, images, tile_size: int = 512, overlap: float = 0.25):
+        """Encode tile by tile (`tile_size` pixels, fraction `overlap` shared with the neighbours);
+        images that fit in one tile are encoded whole, as diffusers does."""
+        f = self.config.downsample_factor
+        self._check(images, self.config.in_channels, "images", f)
+        self._check_tile(tile_size, overlap, f, True)
+        h, w = images.shape[1:3]
+        if h <= tile_size and w <= tile_size:
+            return self.encode(images)
+        x = np.asarray(images)
+        mean = tiling.run_tiled(lambda t: self._mean_tile(self.params, t), x, tile_size,
+                                tile_size // f, overlap)
+        scale, shift = np.float32(self.config.scaling_factor), np.float32(self.config.shift_factor)
+        return jnp.asarray((mean - shift) * scale)
+
+    def decode_tiled(self, latents, tile_size: int = 512, overlap: float = 0.25):
+        """Decode tile by tile; `tile_size` is in output pixels (latent tiles are tile_size divided by
+        the downsample factor, 8 for released VAEs)."""
+        f = self.config.downsample_factor
+        self._check(latents, self.config.latent_channels, "latents", 1)
+        self._check_tile(tile_size, overlap, f, False)
+        lt = tile_size // f
+        if latents.shape[1] <= lt and latents.shape[2] <= lt:
+            return self.decode(latents)
+        z = np.asarray(latents, np.float32) / np.float32(self.config.scaling_factor) \
+            + np.float32(self.config.shift_factor)
+        return jnp.asarray(tiling.run_tiled(lambda t: self._decode_tile(self.params, t), z, lt, tile_size,
+                                            overlap))
+
+    @staticmethod
+    def _check_tile(tile_size, overlap, f, encoding: bool):
+        if tile_size <= 0 or tile_size % f:
+            raise MMDiTError(f"tile_size {tile_size} must be a positive multiple of the downsample "
+                             f"factor {f}")
+        # encoding steps through pixels, so its stride must also land on latent pixel boundaries
+        if encoding and int(tile_size * (1 - overlap)) % f:
+            raise MMDiTError(f"tile_size {tile_size} with overlap {overlap} gives a stride of "
+                             f"{int(tile_size * (1 - overlap))} pixels, not a multiple of {f}")
+        tiling.tile_geometry(tile_size, tile_size // f, overlap)  # overlap range, tiles not too small
+
+
+def load_vae(path, dtype="float32", *, family: str | None = None, config: VAEConfig | None = None) -> VAE:
+    """The 16-channel KL VAE from a diffusers pipeline folder (its vae/), an AutoencoderKL component
+    folder, or a single .safetensors file in the LDM layout (SD3 files, keys under `first_stage_model.`;
+    BFL's `ae.safetensors`, bare keys) or the diffusers layout.
+
+    Latent scale/shift: a folder's config.json gives them. A single file carries none, so they come
+    from `family` ("sd3" or "flux") when given, else from where the keys sit: `first_stage_model.`
+    (an SD3 checkpoint) means "sd3", bare or `vae.` keys (BFL's ae.safetensors) mean "flux". An explicit
+    `family` also overrides a config.json's values. `config` replaces detection entirely (needed only
+    for networks whose GroupNorm group count is not 32, which weights can not reveal)."""
+    dtype = parse_dtype(dtype)
+    src = open_component(path, "vae")
+    tensors, layout, origin = src.tensors, "diffusers", src.origin
+    if src.config is not None:
+        detected = VAEConfig.from_diffusers(src.config, origin)
+    else:
+        try:
+            prefix, layout = weights.detect_single_file(tensors)
+        except MMDiTError as e:
+            raise MMDiTError(f"{origin}: {e}") from None
+        tensors = PrefixView(tensors, prefix) if prefix else tensors
+        detected = weights.config_from_weights(tensors, layout, origin)
+        detected = detected.with_family(family or ("sd3" if prefix == "first_stage_model." else "flux"))
+    cfg = config if config is not None else detected
+    if family is not None and config is None:
+        cfg = cfg.with_family(family)
+    template = _network(cfg, dtype).template.to_pure_dict()
+    params = rules.import_params(weights.plan(cfg), tensors, layout, template, origin,
+                                 _converter(dtype))
+    return VAE(cfg, params, dtype)
