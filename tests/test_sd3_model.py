@@ -215,6 +215,9 @@ def test_fresh_model_starts_at_zero_output_and_trains():
     assert float(jnp.abs(tm(*x)).max()) == 0.0
     g = jax.jit(jax.grad(lambda p: jnp.sum(tm.apply(p, *x) - 1.0) ** 2))(tm.params)
     assert float(jnp.abs(g["final_layer"]["linear"]["kernel"]).max()) > 0
+    mask = tm.trainable_mask()  # the position table is a buffer, everything else trains
+    assert mask["pos_embed"] is False and all(jax.tree.leaves(mask["groups"]))
+    assert jax.tree.structure(mask) == jax.tree.structure(tm.params)
 
 
 def test_remat_policies_do_not_change_gradients(saved):
