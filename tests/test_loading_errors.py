@@ -2,6 +2,7 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -98,3 +99,31 @@ def test_safetensors_reader_round_trip_with_bfloat16(tmp_path):
     t = load_file(str(tmp_path / "t.safetensors"))
     assert t["b"].dtype == torch.bfloat16
     np.testing.assert_array_equal(t["b"].float().numpy(), arrs["b"].astype(np.float32))
+
+
+class _Exploit:
+    """Unpickling this would create a file: the loader must refuse it without running it."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_pickles_load_weights_only_and_refuse_code(folder, tmp_path):
+    sd = load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    comp = tmp_path / "pt"
+    comp.mkdir()
+    (comp / "config.json").write_text((folder / "config.json").read_text())
+    torch.save(sd, str(comp / "diffusion_pytorch_model.bin"))
+    a, b = mj.load_transformer(str(comp)), mj.load_transformer(str(folder))
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": _Exploit(str(marker))}}, str(evil))
+    with pytest.raises(mj.MMDiTError, match="evil.ckpt: refused or unreadable PyTorch checkpoint"):
+        mj.load_transformer(str(evil))
+    assert not marker.exists()
