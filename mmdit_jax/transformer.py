@@ -13,6 +13,7 @@ from mmdit_jax.families import detect, family_of_config
 from mmdit_jax.io import rules
 from mmdit_jax.io.sources import open_component
 from mmdit_jax.layers import Buffer
+from mmdit_jax.structure import Structure
 
 # float64 exists for exactness checks against float64 oracles (needs jax_enable_x64).
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
@@ -50,7 +51,7 @@ class Transformer:
         self.config = config
         self.family = family_of_config(config)
         self.dtype = parse_dtype(dtype)
-        self._graphdef, self._template = nnx.split(abstract_module(config, self.dtype))
+        self._structure = Structure(abstract_module(config, self.dtype))
         self.params = params
         self._jitted = jax.jit(self.apply, static_argnames=("remat",))
 
@@ -63,9 +64,7 @@ class Transformer:
         return cls(config, nnx.state(module).to_pure_dict(), dtype)
 
     def module(self, params) -> nnx.Module:
-        state = jax.tree.map(lambda x: x, self._template)
-        nnx.replace_by_pure_dict(state, params)
-        return nnx.merge(self._graphdef, state)
+        return self._structure.module(params)
 
     def apply(self, params, latents, sigma, context, pooled, guidance=None, *, remat: str = "none"):
         return self.module(params)(latents, sigma, context, pooled, guidance, remat=remat)
@@ -75,7 +74,7 @@ class Transformer:
 
     def _map_variables(self, fn):
         """A pytree shaped like `params` with fn(variable) at each leaf."""
-        return _unflatten({path: fn(v) for path, v in self._template.flat_state()})
+        return _unflatten({path: fn(v) for path, v in self._structure.template.flat_state()})
 
     def trainable_mask(self):
         """Pytree of bools over `params`: False for buffers (never updated by an optimizer)."""
@@ -123,7 +122,7 @@ def load_transformer(path, dtype="float32") -> Transformer:
         except KeyError as e:
             raise MMDiTError(f"{src.origin}: cannot detect the {fam.name} configuration, key {e} "
                              "is missing") from None
-    _, template = nnx.split(abstract_module(config, dtype))
-    params = rules.import_params(fam.plan(config), tensors, layout, template.to_pure_dict(),
+    template = Structure(abstract_module(config, dtype)).abstract_params()
+    params = rules.import_params(fam.plan(config), tensors, layout, template,
                                  src.origin, _converter(dtype))
     return Transformer(config, params, dtype)

@@ -4,7 +4,6 @@ prompts -> (context, pooled), images -> latents -> images, and the transformer's
 Configurations here (16-channel VAE with two levels, SD3.5-style transformer with QK-norm and a dual
 layer, FLUX-dev with guidance) are used by no other test."""
 import numpy as np
-import pytest
 import torch
 
 import mmdit_jax as mj

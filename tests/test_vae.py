@@ -75,7 +75,7 @@ def ldm_state_dict(cfg, tm):
 
 def _template(cfg):
     from mmdit_jax.vae.autoencoder import _network
-    return _network(cfg, jnp.float32).template.to_pure_dict()
+    return _network(cfg, jnp.float32).structure.abstract_params()
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ attending jointly, adaLN-modulated by c = t_emb + y_emb) -> final adaLN layer ->
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -24,6 +23,7 @@ from mmdit_jax.io.rules import Entry, Rule
 from mmdit_jax.io.sources import open_component
 from mmdit_jax.text.clip import ACTIVATIONS, CLIPText, CLIPTextConfig
 from mmdit_jax.text.t5 import T5Config, T5Encoder
+from mmdit_jax.structure import Structure
 
 LAYOUT = "transformers"
 # SD3 single files bundle the text encoders under these prefixes.
@@ -195,23 +195,19 @@ def _convert(arr, target):
 class Loaded:
     """A text encoder's config, structure and parameters (a pure dict of jax arrays)."""
     config: object
-    graphdef: object
-    template: object
+    structure: Structure
     params: dict
 
     def module(self, params=None) -> nnx.Module:
         """The nnx module holding `params` (default: the loaded ones); cheap, fine inside jit."""
-        state = jax.tree.map(lambda x: x, self.template)
-        nnx.replace_by_pure_dict(state, self.params if params is None else params)
-        return nnx.merge(self.graphdef, state)
+        return self.structure.module(self.params if params is None else params)
 
 
 def build(module_cls, cfg, plan, view, dtype, origin) -> Loaded:
     """`module_cls(cfg)` with every parameter filled from `view` (nothing random is materialised)."""
-    abstract = nnx.eval_shape(lambda: module_cls(cfg, param_dtype=dtype, rngs=nnx.Rngs(0)))
-    graphdef, template = nnx.split(abstract)
-    params = rules.import_params(plan, view, LAYOUT, template.to_pure_dict(), origin, _convert)
-    return Loaded(cfg, graphdef, template, params)
+    structure = Structure(nnx.eval_shape(lambda: module_cls(cfg, param_dtype=dtype, rngs=nnx.Rngs(0))))
+    params = rules.import_params(plan, view, LAYOUT, structure.abstract_params(), origin, _convert)
+    return Loaded(cfg, structure, params)
 
 
 def _pick_bundle(tensors: Mapping, prefix: str | None, kinds: tuple[str, ...], bare_key: str, origin: str,

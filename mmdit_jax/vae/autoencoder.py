@@ -17,10 +17,11 @@ from flax import nnx
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.io import rules
 from mmdit_jax.io.sources import PrefixView, open_component
-from mmdit_jax.transformer import _converter, parse_dtype
 from mmdit_jax.vae import tiling, weights
 from mmdit_jax.vae.config import VAEConfig
 from mmdit_jax.vae.model import AutoencoderKL
+from mmdit_jax.structure import Structure
+from mmdit_jax.transformer import _converter, parse_dtype
 
 
 def _build(cfg, dtype, seed=0):
@@ -33,7 +34,7 @@ class _Network:
 
     def __init__(self, config: VAEConfig, dtype):
         self.config, self.dtype = config, dtype
-        self.graphdef, self.template = nnx.split(nnx.eval_shape(lambda: _build(config, dtype)))
+        self.structure = Structure(nnx.eval_shape(lambda: _build(config, dtype)))
         self.encode = jax.jit(self.encode_apply)
         self.decode = jax.jit(self.decode_apply)
         # unscaled networks for tiles: scale/shift are applied once to the whole array instead
@@ -41,9 +42,7 @@ class _Network:
         self.decode_tile = jax.jit(self.raw_decode)
 
     def module(self, params) -> AutoencoderKL:
-        state = jax.tree.map(lambda x: x, self.template)
-        nnx.replace_by_pure_dict(state, params)
-        return nnx.merge(self.graphdef, state)
+        return self.structure.module(params)
 
     def raw_mean(self, params, images):
         return self.module(params).encode_mean(images.astype(self.dtype)).astype(jnp.float32)
@@ -171,7 +170,7 @@ def load_vae(path, dtype="float32", *, family: str | None = None, config: VAECon
     cfg = config if config is not None else detected
     if family is not None and config is None:
         cfg = cfg.with_family(family)
-    template = _network(cfg, dtype).template.to_pure_dict()
+    template = _network(cfg, dtype).structure.abstract_params()
     params = rules.import_params(weights.plan(cfg), tensors, layout, template, origin,
                                  _converter(dtype))
     return VAE(cfg, params, dtype)
