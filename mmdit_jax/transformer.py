@@ -97,16 +97,6 @@ def _unflatten(flat: dict) -> dict:
     return out
 
 
-def _converter(dtype):
-    np_dtype = np.dtype(dtype)
-
-    def convert(arr, target):
-        # one tensor at a time: read (from a memmap), cast, and place on device
-        return jnp.asarray(np.asarray(arr).astype(np_dtype, copy=False))
-
-    return convert
-
-
 def load_transformer(path, dtype="float32") -> Transformer:
     """An SD3/SD3.5/FLUX transformer from a diffusers pipeline/component folder or a single file."""
     dtype = parse_dtype(dtype)
@@ -123,6 +113,5 @@ def load_transformer(path, dtype="float32") -> Transformer:
             raise MMDiTError(f"{src.origin}: cannot detect the {fam.name} configuration, key {e} "
                              "is missing") from None
     template = Structure(abstract_module(config, dtype)).abstract_params()
-    params = rules.import_params(fam.plan(config), tensors, layout, template,
-                                 src.origin, _converter(dtype))
+    params = rules.import_params(fam.plan(config), tensors, layout, template, src.origin)
     return Transformer(config, params, dtype)

@@ -133,12 +133,20 @@ def _set(tree, path, value):
     tree[path[-1]] = value
 
 
+def to_device(arr, target):
+    """One tensor at a time: read (from a memmap), cast to the parameter's dtype, place on device."""
+    import jax.numpy as jnp
+
+    return jnp.asarray(np.asarray(arr).astype(np.dtype(target.dtype), copy=False))
+
+
 def import_params(plan: Sequence[Entry], tensors: Mapping[str, np.ndarray], layout: str,
-                  template: Mapping, origin: str, convert: Callable[[np.ndarray], object]):
+                  template: Mapping, origin: str, convert: Callable = to_device):
     """Build the internal pure-dict tree from `tensors`.
 
-    `template` is the abstract pure dict (ShapeDtypeStructs) of the model; every leaf must be produced
-    exactly once. Missing, unexpected and mis-shaped keys are all collected into one error."""
+    `template` is the abstract pure dict (ShapeDtypeStructs) of the model, in the dtypes wanted; every
+    leaf must be produced exactly once. Missing, unexpected and mis-shaped keys are all collected into
+    one error. `convert(array, template_leaf)` places each array (default: cast and put on device)."""
     want = _flat_shapes(template)
     params, used, missing, bad = {}, set(), [], []
     for entry in plan:

@@ -186,11 +186,6 @@ def t5_config_from_weights(view: KeyView, origin: str) -> T5Config:
                     num_buckets=buckets)
 
 
-def _convert(arr, target):
-    # one tensor at a time: read (from a memmap), cast to the parameter's dtype, place on device
-    return jnp.asarray(np.asarray(arr).astype(np.dtype(target.dtype), copy=False))
-
-
 @dataclasses.dataclass
 class Loaded:
     """A text encoder's config, structure and parameters (a pure dict of jax arrays)."""
@@ -206,7 +201,7 @@ class Loaded:
 def build(module_cls, cfg, plan, view, dtype, origin) -> Loaded:
     """`module_cls(cfg)` with every parameter filled from `view` (nothing random is materialised)."""
     structure = Structure(nnx.eval_shape(lambda: module_cls(cfg, param_dtype=dtype, rngs=nnx.Rngs(0))))
-    params = rules.import_params(plan, view, LAYOUT, structure.abstract_params(), origin, _convert)
+    params = rules.import_params(plan, view, LAYOUT, structure.abstract_params(), origin)
     return Loaded(cfg, structure, params)
 
 

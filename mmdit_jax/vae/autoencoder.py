@@ -21,7 +21,7 @@ from mmdit_jax.vae import tiling, weights
 from mmdit_jax.vae.config import VAEConfig
 from mmdit_jax.vae.model import AutoencoderKL
 from mmdit_jax.structure import Structure
-from mmdit_jax.transformer import _converter, parse_dtype
+from mmdit_jax.transformer import parse_dtype
 
 
 def _build(cfg, dtype, seed=0):
@@ -171,6 +171,5 @@ def load_vae(path, dtype="float32", *, family: str | None = None, config: VAECon
     if family is not None and config is None:
         cfg = cfg.with_family(family)
     template = _network(cfg, dtype).structure.abstract_params()
-    params = rules.import_params(weights.plan(cfg), tensors, layout, template, origin,
-                                 _converter(dtype))
+    params = rules.import_params(weights.plan(cfg), tensors, layout, template, origin)
     return VAE(cfg, params, dtype)
