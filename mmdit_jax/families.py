@@ -56,18 +56,24 @@ def preset(name: str):
     raise MMDiTError(f"unknown preset {name!r}; known presets: {', '.join(known)}")
 
 
+def family_of_diffusers_config(config: dict, origin: str) -> Family:
+    """The family whose diffusers class a config.json names."""
+    fams = families()
+    cls = config.get("_class_name")
+    match = [f for f in fams.values() if f.diffusers_class == cls]
+    if not match:
+        raise MMDiTError(f"{origin}: unknown model class {cls!r} in config.json; supported: "
+                         f"{', '.join(f.diffusers_class for f in fams.values())}")
+    return match[0]
+
+
 def detect(tensors: Mapping, config: dict | None, origin: str):
     """(family, layout, tensor view with any single-file prefix removed)."""
     from mmdit_jax.io.sources import PrefixView
 
     fams = families()
     if config is not None:
-        cls = config.get("_class_name")
-        match = [f for f in fams.values() if f.diffusers_class == cls]
-        if not match:
-            raise MMDiTError(f"{origin}: unknown model class {cls!r} in config.json; supported: "
-                             f"{', '.join(f.diffusers_class for f in fams.values())}")
-        fam = match[0]
+        fam = family_of_diffusers_config(config, origin)
         layout = fam.detect_layout(list(tensors))
         if layout != "diffusers":
             raise MMDiTError(f"{origin}: weights are not in the diffusers {cls} key layout")

@@ -9,8 +9,8 @@ import numpy as np
 from flax import nnx
 
 from mmdit_jax.errors import MMDiTError
-from mmdit_jax.families import detect, family_of_config
-from mmdit_jax.io import rules
+from mmdit_jax.families import detect, family_of_config, family_of_diffusers_config
+from mmdit_jax.io import orbax_io, rules
 from mmdit_jax.io.sources import open_component
 from mmdit_jax.layers import Buffer
 from mmdit_jax.structure import Structure
@@ -101,6 +101,11 @@ def load_transformer(path, dtype="float32") -> Transformer:
     """An SD3/SD3.5/FLUX transformer from a diffusers pipeline/component folder or a single file."""
     dtype = parse_dtype(dtype)
     src = open_component(path, "transformer")
+    if src.orbax:
+        config = family_of_diffusers_config(src.config, src.origin).config_from_diffusers(src.config,
+                                                                                        src.origin)
+        template = Structure(abstract_module(config, dtype)).abstract_params()
+        return Transformer(config, orbax_io.restore_params(src.origin, template), dtype)
     fam, layout, tensors = detect(src.tensors, src.config, src.origin)
     if src.config is not None:
         config = fam.config_from_diffusers(src.config, src.origin)
@@ -115,3 +120,22 @@ def load_transformer(path, dtype="float32") -> Transformer:
     template = Structure(abstract_module(config, dtype)).abstract_params()
     params = rules.import_params(fam.plan(config), tensors, layout, template, src.origin)
     return Transformer(config, params, dtype)
+
+
+def save_transformer(model: Transformer, folder) -> None:
+    """Writes `model` as an Orbax component folder (config.json + params/) that `load_transformer`
+    restores directly. The folder must not exist yet; it appears only once complete."""
+    import json
+    import os
+    import shutil
+
+    folder = os.path.abspath(os.fspath(folder))
+    if os.path.exists(folder):
+        raise MMDiTError(f"{folder}: already exists; not overwriting")
+    tmp = folder + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(model.config.to_diffusers(), f, indent=2)
+    orbax_io.save_params(tmp, model.params)
+    os.replace(tmp, folder)

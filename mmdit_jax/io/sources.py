@@ -14,6 +14,7 @@ from typing import Mapping
 import numpy as np
 
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.io.orbax_io import is_orbax_component
 from mmdit_jax.io.safetensors_io import TensorDict, TensorFile
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
@@ -24,6 +25,7 @@ class Source:
     tensors: Mapping[str, np.ndarray]
     config: dict | None
     origin: str  # what to name in messages
+    orbax: bool = False  # params live in Orbax form (see orbax_io); `tensors` is then empty
 
 
 class PrefixView(Mapping):
@@ -127,6 +129,8 @@ def open_component(path: str, subfolder: str) -> Source:
         if not os.path.isfile(cfg_path):
             raise MMDiTError(f"{path}: not a diffusers pipeline or component folder "
                              "(no model_index.json or config.json)")
+        if is_orbax_component(path):
+            return Source({}, read_json(cfg_path), path, orbax=True)
         return Source(component_tensors(path), read_json(cfg_path), path)
     if os.path.isfile(path):
         return Source(open_tensors(path), None, path)
