@@ -1,7 +1,8 @@
 """Tokenizers for the toy captions, written as ordinary transformers tokenizer folders.
 
 - CLIP: byte-level BPE with CLIP's byte alphabet (every byte and every byte + "</w>" is a token, so any
-  text encodes) plus the merges that build each caption word into one token; "<|startoftext|>" and
+  text encodes) plus merges learned from the caption vocabulary by the BPE algorithm, until each caption
+  word is one token; "<|startoftext|>" and
   "<|endoftext|>" take the two largest ids, as in the released vocabulary (the pooling rule takes the
   argmax id as the EOS position).
 - T5: a Unigram model (SentencePiece's algorithm, as T5TokenizerFast runs it) whose pieces are "<pad>",
@@ -33,23 +34,43 @@ def _byte_chars() -> list[str]:
     return out
 
 
+def bpe_merges(words) -> list[tuple[str, str]]:
+    """Byte-pair merges learned from `words` by the BPE algorithm: repeatedly merge the most frequent
+    adjacent pair (ties broken by the pair itself) until every word is one symbol. Encoding applies
+    merges in this order, so each training word comes out as exactly one token (merges built per word
+    independently would interfere: "t o" from "top" would split "bottom")."""
+    seqs = {w: tuple(w[:-1]) + (w[-1] + "</w>",) for w in dict.fromkeys(words)}
+    merges = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for seq in seqs.values():
+            for pair in zip(seq, seq[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = max(counts, key=lambda p: (counts[p], tuple(-ord(c) for c in "".join(p))))
+        merges.append(best)
+        for w, seq in seqs.items():
+            out, i = [], 0
+            while i < len(seq):
+                if i + 1 < len(seq) and (seq[i], seq[i + 1]) == best:
+                    out.append(seq[i] + seq[i + 1])
+                    i += 2
+                else:
+                    out.append(seq[i])
+                    i += 1
+            seqs[w] = tuple(out)
+
+
 def clip_vocab(words) -> tuple[dict[str, int], list[str]]:
     """(vocab, merges) of a byte-level BPE where each of `words` (lowercase ASCII) is one token."""
     chars = _byte_chars()
     tokens = chars + [c + "</w>" for c in chars]
-    merges = []
-    for w in words:
-        cur = w[0]
-        if len(w) == 1:
-            continue
-        for i, ch in enumerate(w[1:], 1):
-            nxt = ch + ("</w>" if i == len(w) - 1 else "")
-            merges.append(f"{cur} {nxt}")
-            cur = cur + nxt
-            tokens.append(cur)
+    merges = bpe_merges(words)
+    tokens += [a + b for a, b in merges]
     tokens += [CLIP_BOS, CLIP_EOS]
     vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
-    return vocab, list(dict.fromkeys(merges))
+    return vocab, [f"{a} {b}" for a, b in merges]
 
 
 def write_clip_tokenizer(folder: str, words, max_length: int = 16, pad_token: str = CLIP_EOS):
