@@ -3,6 +3,7 @@ PyTorch references (transformers text encoders, diffusers transformers and promp
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -11,7 +12,7 @@ from conftest import max_rel_err
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.text.tokenizers import load_tokenizer, tokenize
 from mmdit_jax.toy import dataset, tokenizers
-from mmdit_jax.toy.components import read_toy_config, toy_config, write_toy_pipeline
+from mmdit_jax.toy.components import read_toy_config, toy_config, write_toy_pipeline, write_transformer
 from mmdit_jax.vae.pixel import PixelSpaceConfig, PixelSpaceVAE
 
 PROMPTS = ["a large red circle on the left", "a small purple diamond in the bottom right", ""]
@@ -117,10 +118,10 @@ def test_toy_pipeline_loads_through_the_contract(tmp_path, variant):
     write_toy_pipeline(folder, config=cfg, seed=6, overwrite=True)
     assert sorted(os.listdir(tmp_path)) == [variant]
     other = mj.load_transformer(folder)
-    import jax
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(other.params)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["sd3", "flux"])
 def test_toy_pipeline_in_the_pytorch_references(tmp_path, variant):
     """transformers and diffusers read the toy text encoders, tokenizers, scheduler and transformer, and
@@ -160,11 +161,9 @@ def test_toy_pipeline_in_the_pytorch_references(tmp_path, variant):
 
     # a trained-looking network: the init's zero output layers would make any comparison trivial
     model = mj.load_transformer(folder)
-    import jax
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda a: np.asarray(a) + 0.05 * rng.standard_normal(a.shape).astype(np.float32),
                           model.params)
-    from mmdit_jax.toy.components import write_transformer
     write_transformer(p("transformer"), model.config, params=params)
     model = mj.load_transformer(folder)
     ref = (SD3Transformer2DModel if variant == "sd3" else FluxTransformer2DModel).from_pretrained(p("transformer")).eval()
