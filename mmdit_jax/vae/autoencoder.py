@@ -8,6 +8,7 @@ float32 whatever the parameter dtype.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -16,10 +17,12 @@ from flax import nnx
 
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.io import rules
-from mmdit_jax.io.sources import PrefixView, open_component
+from mmdit_jax.io.sources import PrefixView, open_component, read_json
 from mmdit_jax.vae import tiling, weights
 from mmdit_jax.vae.config import VAEConfig
 from mmdit_jax.vae.model import AutoencoderKL
+from mmdit_jax.vae.pixel import CLASS_NAME as PIXEL_CLASS
+from mmdit_jax.vae.pixel import PixelSpaceConfig, PixelSpaceVAE
 from mmdit_jax.structure import Structure
 from mmdit_jax.transformer import parse_dtype
 
@@ -144,6 +147,22 @@ class VAE:
         tiling.tile_geometry(tile_size, tile_size // f, overlap)  # overlap range, tiles not too small
 
 
+def pixel_space_config(path) -> PixelSpaceConfig | None:
+    """The PixelSpaceVAE config when `path` (a pipeline folder or its vae/ folder) holds one."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return None
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        path = os.path.join(path, "vae")
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        return None
+    cfg = read_json(cfg_path)
+    if cfg.get("_class_name") != PIXEL_CLASS:
+        return None
+    return PixelSpaceConfig.from_diffusers(cfg, cfg_path)
+
+
 def load_vae(path, dtype="float32", *, family: str | None = None, config: VAEConfig | None = None) -> VAE:
     """The 16-channel KL VAE from a diffusers pipeline folder (its vae/), an AutoencoderKL component
     folder, or a single .safetensors file in the LDM layout (SD3 files, keys under `first_stage_model.`;
@@ -153,8 +172,13 @@ def load_vae(path, dtype="float32", *, family: str | None = None, config: VAECon
     from `family` ("sd3" or "flux") when given, else from where the keys sit: `first_stage_model.`
     (an SD3 checkpoint) means "sd3", bare or `vae.` keys (BFL's ae.safetensors) mean "flux". An explicit
     `family` also overrides a config.json's values. `config` replaces detection entirely (needed only
-    for networks whose GroupNorm group count is not 32, which weights can not reveal)."""
+    for networks whose GroupNorm group count is not 32, which weights can not reveal).
+
+    A folder whose config.json names `PixelSpaceVAE` gives that parameter-free latent map instead."""
     dtype = parse_dtype(dtype)
+    pixel = pixel_space_config(path)
+    if pixel is not None:  # parameter-free: no weights file to open
+        return PixelSpaceVAE(pixel, {}, dtype)
     src = open_component(path, "vae")
     tensors, layout, origin = src.tensors, "diffusers", src.origin
     if src.config is not None:
