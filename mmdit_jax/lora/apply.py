@@ -78,7 +78,7 @@ def _check(loras, scales):
     loras = list(loras)
     if scales is None:
         scales = [1.0] * len(loras)
-    elif np.ndim(scales) == 0:
+    elif not isinstance(scales, (list, tuple)):
         scales = [scales]
     if len(scales) != len(loras):
         raise MMDiTError(f"{len(loras)} LoRA adapters but {len(scales)} scales")
