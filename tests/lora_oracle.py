@@ -61,8 +61,33 @@ def comfyui_merge(state_dict: dict, lora_tensors: dict, prefix: str = "") -> dic
     modules = {k[:-len(".lora_down.weight")] for k in lora_tensors if k.endswith(".lora_down.weight")}
     assert len(modules) * 3 == len(lora_tensors), "expected down, up and alpha for every module"
     for m in modules:
-        down = torch.from_numpy(np.asarray(lora_tensors[m + ".lora_down.weight"])).double()
-        up = torch.from_numpy(np.asarray(lora_tensors[m + ".lora_up.weight"])).double()
+        down = torch.from_numpy(np.array(lora_tensors[m + ".lora_down.weight"])).double()
+        up = torch.from_numpy(np.array(lora_tensors[m + ".lora_up.weight"])).double()
         alpha = float(np.asarray(lora_tensors[m + ".alpha"]))
         out[names[m]] += alpha / down.shape[0] * (up @ down)
     return {k: v.float() for k, v in out.items()}
+
+
+def vary_ranks(lora):
+    """Ranks and alphas that differ between modules: row i of the n-th part drops (i + n) % rank ranks
+    and gets alpha + (i + n) / 4, so per-module rank and alpha handling is exercised."""
+    import dataclasses
+
+    parts, weights = {}, {}
+    for n, (key, part, w) in enumerate(lora.items()):
+        a, b = np.array(w["A"]), np.array(w["B"])
+        rows = range(len(part.ranks))
+        ranks = tuple(part.ranks[i] - (i + n) % part.ranks[i] for i in rows)
+        alphas = tuple(part.alphas[i] + (i + n) / 4 for i in rows)
+        for i, r in enumerate(ranks):
+            if part.rows is not None:
+                a[i, :, r:] = 0
+                b[i, r:] = 0
+            else:
+                a[:, r:] = 0
+                b[r:] = 0
+        part = dataclasses.replace(part, ranks=ranks, alphas=alphas)
+        a, b = a[..., :max(ranks)], b[..., :max(ranks), :]  # padded only up to the largest rank
+        parts.setdefault(key, {})[part.name] = part
+        weights.setdefault(key, {})[part.name] = {"A": a, "B": b}
+    return L.LoRA(weights, parts, lora.family)

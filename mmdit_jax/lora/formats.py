@@ -31,8 +31,8 @@ FORMATS = ("diffusers", "kohya", "comfyui")
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' header entry for the PEFT LoraConfig
 _SUFFIXES = ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_down.weight", "A"),
              (".lora_up.weight", "B"), (".alpha", "alpha"))
-_UNSUPPORTED = ("dora_scale", "lora_magnitude_vector", ".diff_b", ".diff", "lora_B.bias", "hada_",
-                "lokr_", "loha_")
+_UNSUPPORTED_END = (".dora_scale", ".diff", ".diff_b", ".lora_B.bias", ".lora_up.bias")
+_UNSUPPORTED_IN = ("lora_magnitude_vector", ".hada_", ".lokr_", ".loha_")
 _TEXT = ("text_encoder", "lora_te", "text_encoders.", "te1_", "te2_")
 
 
@@ -88,7 +88,7 @@ def read_lora(tensors: Mapping, model, metadata: Mapping | None = None, origin: 
     groups: dict[str, dict] = collections.defaultdict(dict)
     bad, text, unknown = [], [], []
     for k in tensors:
-        if any(u in k for u in _UNSUPPORTED):
+        if k.endswith(_UNSUPPORTED_END) or any(u in k for u in _UNSUPPORTED_IN):
             bad.append(k)
             continue
         for suffix, kind in _SUFFIXES:
