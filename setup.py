@@ -26,6 +26,7 @@ setup(
         "test": [
             "torch==2.13.0",  # CPU build; oracle only
             "diffusers",
+            "peft",  # diffusers' LoRA loading, to check our LoRA files against it
             "sentencepiece",
             "pytest",
             "pytest-xdist",
