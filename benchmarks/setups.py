@@ -1,0 +1,135 @@
+"""The benchmark configurations, built once in diffusers with random weights and read into this project
+through the public loaders (save_pretrained to a temporary folder, then mj.load_*), so both sides run
+identical weights. Each comparison also checks the outputs agree before it times anything.
+
+Sizes are small enough for a 2-core CPU run (float32); GPU runs at the released sizes are not written yet."""
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+
+import numpy as np
+
+import common  # noqa: F401  (puts this checkout first on sys.path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    layout: str  # "sd3" or "flux"
+    batch: int
+    height: int  # latent pixels (NHWC); image tokens = height*width/4
+    width: int
+    txt_tokens: int
+    diffusers_kwargs: dict
+
+    @property
+    def img_tokens(self) -> int:
+        return (self.height // 2) * (self.width // 2)
+
+
+CASES = {
+    # width 512 (8 heads of 64), 6 joint blocks, 32x48 latent = 384 image tokens + 128 text, batch 2
+    "sd3": Case("sd3", 2, 32, 48, 128, dict(
+        sample_size=32, patch_size=2, in_channels=16, num_layers=6, attention_head_dim=64,
+        num_attention_heads=8, joint_attention_dim=512, caption_projection_dim=512,
+        pooled_projection_dim=256, out_channels=16, pos_embed_max_size=48)),
+    # width 512 (4 heads of 128), 2 double + 4 single blocks, same tokens, FLUX-dev style (guidance)
+    "flux": Case("flux", 2, 32, 48, 128, dict(
+        patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=128,
+        num_attention_heads=4, joint_attention_dim=512, pooled_projection_dim=256, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56))),
+}
+
+
+def torch_transformer(case: Case, seed: int = 0, std: float = 0.02):
+    """The diffusers transformer with N(0, std^2) weights everywhere (no zero-initialised layer)."""
+    import torch
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    cls = SD3Transformer2DModel if case.layout == "sd3" else FluxTransformer2DModel
+    torch.manual_seed(seed)
+    model = cls(**case.diffusers_kwargs).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def load_ours(torch_model, loader):
+    """Saves a diffusers model/pipeline and reads it back with one of mj's loaders."""
+    with tempfile.TemporaryDirectory() as folder:
+        torch_model.save_pretrained(folder)
+        return loader(folder)
+
+
+def inputs(case: Case, seed: int = 0) -> dict:
+    """NHWC latents, sigma, context, pooled (and guidance for FLUX), float32 numpy."""
+    rng = np.random.default_rng(seed)
+    kw = case.diffusers_kwargs
+    ctx_dim, pooled_dim = kw["joint_attention_dim"], kw["pooled_projection_dim"]
+    out = dict(latents=rng.standard_normal((case.batch, case.height, case.width, 16), dtype=np.float32),
+               sigma=np.linspace(0.9, 0.3, case.batch).astype(np.float32),
+               context=rng.standard_normal((case.batch, case.txt_tokens, ctx_dim), dtype=np.float32),
+               pooled=rng.standard_normal((case.batch, pooled_dim), dtype=np.float32))
+    if case.layout == "flux":
+        out["guidance"] = np.full((case.batch,), 3.5, np.float32)
+    return out
+
+
+def flux_ids(case: Case):
+    import torch
+
+    h, w = case.height // 2, case.width // 2
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    img = np.stack([np.zeros_like(rows), rows, cols], -1).reshape(h * w, 3)
+    return torch.tensor(img, dtype=torch.float32), torch.zeros(case.txt_tokens, 3)
+
+
+def pack(lat):
+    """NHWC latents (numpy or torch) -> diffusers' FLUX tokens (B, h*w, C*4), channels (c, ph, pw)."""
+    b, hh, ww, c = lat.shape
+    x = lat.reshape(b, hh // 2, 2, ww // 2, 2, c)
+    x = x.permute(0, 1, 3, 5, 2, 4) if hasattr(x, "permute") else x.transpose(0, 1, 3, 5, 2, 4)
+    return x.reshape(b, (hh // 2) * (ww // 2), c * 4)
+
+
+def unpack(tokens, hh: int, ww: int):
+    b, _, d = tokens.shape
+    c = d // 4
+    x = tokens.reshape(b, hh // 2, ww // 2, c, 2, 2)
+    x = x.permute(0, 1, 4, 2, 5, 3) if hasattr(x, "permute") else x.transpose(0, 1, 4, 2, 5, 3)
+    return x.reshape(b, hh, ww, c)
+
+
+def torch_velocity_fn(case: Case, model):
+    """f(latents NHWC torch, sigma (B,) torch, context, pooled, guidance) -> velocity NHWC, calling
+    diffusers' transformer the way its pipeline does (timestep 1000*sigma for SD3, sigma for FLUX)."""
+    if case.layout == "sd3":
+        def f(lat, sigma, ctx, pooled, guidance=None):
+            out = model(hidden_states=lat.permute(0, 3, 1, 2), encoder_hidden_states=ctx,
+                        pooled_projections=pooled, timestep=sigma * 1000, return_dict=False)[0]
+            return out.permute(0, 2, 3, 1)
+        return f
+    img_ids, txt_ids = flux_ids(case)
+
+    def f(lat, sigma, ctx, pooled, guidance=None):
+        out = model(hidden_states=pack(lat), encoder_hidden_states=ctx, pooled_projections=pooled,
+                    timestep=sigma, guidance=guidance, img_ids=img_ids, txt_ids=txt_ids,
+                    return_dict=False)[0]
+        return unpack(out, case.height, case.width)
+    return f
+
+
+def ours_config(case: Case):
+    from mmdit_jax.flux.config import FluxConfig
+    from mmdit_jax.sd3.config import MMDiTConfig
+
+    cls = MMDiTConfig if case.layout == "sd3" else FluxConfig
+    return cls.from_diffusers(case.diffusers_kwargs)
+
+
+def flops(case: Case) -> dict:
+    cfg = ours_config(case)
+    fn = common.flops_sd3 if case.layout == "sd3" else common.flops_flux
+    return fn(cfg, case.batch, case.img_tokens, case.txt_tokens)
