@@ -117,6 +117,49 @@ def from_internal(rule: Rule, a: np.ndarray, layout: str, patch: int | None = No
     raise ValueError(f"unknown rule kind {kind!r}")
 
 
+def internal_shape(rule: Rule, shapes: Sequence[tuple], layout: str) -> tuple | None:
+    """The shape `to_internal` gives for tensors of `shapes`, without reading them (None: the parts can
+    not be joined). tests/test_convert_rules.py checks it against `to_internal` for every kind."""
+    kind = kind_of(rule, layout)
+    s = tuple(shapes[0])
+    if kind == "conv":
+        return (s[2], s[3], s[1], s[0]) if len(s) == 4 else s
+    if kind == "pointwise":
+        if len(s) == 2 or (len(s) == 4 and s[2:] == (1, 1)):
+            return (s[1], s[0])
+        return s
+    if kind in ("linear", "vector"):
+        if any(len(x) != len(s) or tuple(x[1:]) != s[1:] for x in shapes):
+            return None
+        joined = (sum(x[0] for x in shapes),) + s[1:]
+        return tuple(reversed(joined)) if kind == "linear" else joined
+    if kind == "patch":
+        return (s[2] * s[3] * s[1], s[0]) if len(s) == 4 else None
+    if kind == "table":
+        return (s[-2], s[-1]) if len(s) >= 2 else None
+    raise ValueError(f"unknown rule kind {kind!r}")
+
+
+def external_shapes(rule: Rule, shape: tuple, layout: str, patch: int | None = None) -> list[tuple]:
+    """The shapes `from_internal` gives for an internal array of `shape` (checked like internal_shape)."""
+    n = len(rule.keys[layout])
+    kind = kind_of(rule, layout)
+    s = tuple(shape)
+    if kind == "conv":
+        return [(s[3], s[2], s[0], s[1])]
+    if kind == "pointwise":
+        return [(s[1], s[0], 1, 1)]
+    if kind in ("linear", "vector"):
+        t = tuple(reversed(s)) if kind == "linear" else s
+        sizes = list(rule.parts) if rule.parts else [t[0] // n] * n
+        return [(k,) + t[1:] for k in sizes]
+    if kind == "patch":
+        return [(s[1], s[0] // (patch * patch), patch, patch)]
+    if kind == "table":
+        return [(1,) + s]
+    raise ValueError(f"unknown rule kind {kind!r}")
+
+
 def _flat_shapes(tree, prefix=()):
     out = {}
     for k, v in tree.items():
@@ -134,43 +177,64 @@ def _set(tree, path, value):
 
 
 def to_device(arr, target):
-    """One tensor at a time: read (from a memmap), cast to the parameter's dtype, place on device."""
+    """One tensor at a time: read (from a memmap), cast to the parameter's dtype, place on device
+    (on `target.sharding` when the template carries one)."""
+    import jax
     import jax.numpy as jnp
 
-    return jnp.asarray(np.asarray(arr).astype(np.dtype(target.dtype), copy=False))
+    arr = np.asarray(arr).astype(np.dtype(target.dtype), copy=False)
+    sharding = getattr(target, "sharding", None)
+    return jax.device_put(arr, sharding) if sharding is not None else jnp.asarray(arr)
 
 
-def import_params(plan: Sequence[Entry], tensors: Mapping[str, np.ndarray], layout: str,
-                  template: Mapping, origin: str, convert: Callable = to_device):
-    """Build the internal pure-dict tree from `tensors`.
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One internal parameter: its plan entry, the external names per stacked block (one group when
+    not stacked) and its target (ShapeDtypeStruct in the wanted dtype)."""
+    entry: Entry
+    names: tuple[tuple[str, ...], ...]
+    target: object
 
-    `template` is the abstract pure dict (ShapeDtypeStructs) of the model, in the dtypes wanted; every
-    leaf must be produced exactly once. Missing, unexpected and mis-shaped keys are all collected into
-    one error. `convert(array, template_leaf)` places each array (default: cast and put on device)."""
+    @property
+    def path(self) -> tuple:
+        return self.entry.path
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.target.shape, dtype=np.int64)) * np.dtype(self.target.dtype).itemsize
+
+
+def _shape_of(tensors, name):
+    return tuple(tensors.shape(name)) if hasattr(tensors, "shape") else tuple(np.shape(tensors[name]))
+
+
+def check(plan: Sequence[Entry], tensors: Mapping, layout: str, template: Mapping, origin: str) -> list[Item]:
+    """Every parameter's source tensors, checked from names and header shapes only (no tensor data is
+    read): missing, unexpected and mis-shaped keys are all collected into one error."""
     want = _flat_shapes(template)
-    params, used, missing, bad = {}, set(), [], []
+    items, used, missing, bad = [], set(), [], []
     for entry in plan:
         keys = entry.rule.keys[layout]
         prefixes = entry.prefixes[layout] if entry.prefixes is not None else ("",)
-        names = [[p + k for k in keys] for p in prefixes]
+        names = tuple(tuple(p + k for k in keys) for p in prefixes)
         absent = [n for group in names for n in group if n not in tensors]
         used.update(n for group in names for n in group)  # a partial group's keys are not "unexpected"
-        if absent:
-            missing.extend(absent)
-            continue
-        parts = [to_internal(entry.rule, [tensors[n] for n in group], layout) for group in names]
-        arr = np.stack(parts) if entry.prefixes is not None else parts[0]
         target = want.get(entry.path)
         if target is None:
             raise AssertionError(f"plan path {entry.path} is not a model parameter")
-        if tuple(arr.shape) != tuple(target.shape):
-            bad.append(f"{', '.join(names[0])}: got {tuple(arr.shape)} expected {tuple(target.shape)}"
-                       " (internal layout)")
+        if absent:
+            missing.extend(absent)
             continue
-        _set(params, entry.path, convert(arr, target))
+        shapes = [internal_shape(entry.rule, [_shape_of(tensors, n) for n in group], layout) for group in names]
+        shape = (len(shapes),) + shapes[0] if entry.prefixes is not None and shapes[0] is not None else shapes[0]
+        if any(s != shapes[0] for s in shapes) or shape is None or tuple(shape) != tuple(target.shape):
+            got = [_shape_of(tensors, n) for n in names[0]]
+            bad.append(f"{', '.join(names[0])}: got {shape if shape is not None else got} expected "
+                       f"{tuple(target.shape)} (internal layout)")
+            continue
+        items.append(Item(entry, names, target))
     unexpected = sorted(set(tensors) - used)
-    produced = set(_flat_shapes(params)) | {e.path for e in plan}
-    uncovered = sorted(set(want) - produced)
+    uncovered = sorted(set(want) - {e.path for e in plan})
     if uncovered:
         raise AssertionError(f"plan does not cover model parameters {uncovered}")
     if missing or unexpected or bad:
@@ -184,18 +248,64 @@ def import_params(plan: Sequence[Entry], tensors: Mapping[str, np.ndarray], layo
         if bad:
             msg.append(f"mis-shaped ({len(bad)}): {'; '.join(bad[:20])}")
         raise MMDiTError("; ".join(msg))
+    return items
+
+
+def build(item: Item, tensors: Mapping, layout: str) -> np.ndarray:
+    """The internal array of one checked parameter, in the target dtype. Stacked parameters are filled
+    block by block, so memory holds the result plus one block's source (memmaps are dropped as they go)."""
+    dtype = np.dtype(item.target.dtype)
+    rule = item.entry.rule
+    if item.entry.prefixes is None:
+        return np.asarray(to_internal(rule, [tensors[n] for n in item.names[0]], layout)).astype(dtype, copy=False)
+    out = np.empty(tuple(item.target.shape), dtype)
+    for i, group in enumerate(item.names):
+        out[i] = to_internal(rule, [tensors[n] for n in group], layout)
+    return out
+
+
+def iter_params(plan, tensors, layout, template, origin):
+    """Yield (internal path, numpy array in the target dtype) one parameter at a time, after checking
+    the whole checkpoint (so a bad file fails before anything is produced)."""
+    for item in check(plan, tensors, layout, template, origin):
+        yield item.path, build(item, tensors, layout)
+
+
+def import_params(plan: Sequence[Entry], tensors: Mapping[str, np.ndarray], layout: str,
+                  template: Mapping, origin: str, convert: Callable = to_device):
+    """Build the internal pure-dict tree from `tensors`.
+
+    `template` is the abstract pure dict (ShapeDtypeStructs) of the model, in the dtypes wanted; every
+    leaf must be produced exactly once. Missing, unexpected and mis-shaped keys are all collected into
+    one error. `convert(array, template_leaf)` places each array (default: cast and put on device)."""
+    params = {}
+    for item in check(plan, tensors, layout, template, origin):
+        _set(params, item.path, convert(build(item, tensors, layout), item.target))
     return params
+
+
+def export_entry(entry: Entry, arr, layout: str, patch: int | None = None):
+    """Yield (external key, numpy array) for one internal parameter."""
+    keys = entry.rule.keys[layout]
+    if entry.prefixes is None:
+        yield from zip(keys, from_internal(entry.rule, np.asarray(arr), layout, patch))
+    else:
+        for i, p in enumerate(entry.prefixes[layout]):
+            for k, t in zip(keys, from_internal(entry.rule, np.asarray(arr[i]), layout, patch)):
+                yield p + k, t
+
+
+def export_specs(entry: Entry, shape: tuple, layout: str, patch: int | None = None):
+    """(external key, shape) of every tensor `export_entry` yields for an internal array of `shape`."""
+    keys = entry.rule.keys[layout]
+    if entry.prefixes is None:
+        return list(zip(keys, external_shapes(entry.rule, shape, layout, patch)))
+    shapes = external_shapes(entry.rule, tuple(shape[1:]), layout, patch)
+    return [(p + k, s) for p in entry.prefixes[layout] for k, s in zip(keys, shapes)]
 
 
 def export_params(plan: Sequence[Entry], params: Mapping, layout: str, patch: int | None = None):
     """Yield (external key, numpy array) for every tensor of `layout`, one at a time."""
     flat = _flat_shapes(params)
     for entry in plan:
-        keys = entry.rule.keys[layout]
-        arr = np.asarray(flat[entry.path])
-        if entry.prefixes is None:
-            yield from zip(keys, from_internal(entry.rule, arr, layout, patch))
-        else:
-            for i, p in enumerate(entry.prefixes[layout]):
-                for k, t in zip(keys, from_internal(entry.rule, arr[i], layout, patch)):
-                    yield p + k, t
+        yield from export_entry(entry, flat[entry.path], layout, patch)
