@@ -136,7 +136,7 @@ def _restore_pointer(folder: str, pointer: str, target):
 
 
 # Arrays are buffered up to this many bytes between partial saves (a larger array goes alone).
-FLUSH_BYTES = 256 << 20
+FLUSH_BYTES = 64 << 20
 
 
 def _set(tree: dict, path: tuple, value) -> None:
