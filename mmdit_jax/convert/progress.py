@@ -31,6 +31,7 @@ class Progress:
         self.last = now
         elapsed = max(now - self.start, 1e-6)
         rate = self.done / elapsed
-        eta = (self.total - self.done) / rate if rate > 0 else 0.0
+        # the first second's rate is mostly start-up: no ETA from it
+        eta = _fmt_time((self.total - self.done) / rate) if rate > 0 and elapsed >= 2 else "--"
         self.say(f"[{component}] {index}/{count} arrays | {_fmt_bytes(self.done)} / {_fmt_bytes(self.total)} "
-                 f"| {_fmt_bytes(rate)}/s | elapsed {_fmt_time(elapsed)} | ETA {_fmt_time(eta)}")
+                 f"| {_fmt_bytes(rate)}/s | elapsed {_fmt_time(elapsed)} | ETA {eta}")

@@ -196,6 +196,9 @@ class ParamsWriter:
         # the v1 layout keeps the pytree under "state/"; params/ is that folder, as StandardCheckpointer
         # writes it
         os.rename(os.path.join(self.work, "state"), self.final)
+        meta = os.path.join(self.work, "_CHECKPOINT_METADATA")
+        if os.path.isfile(meta):  # where StandardCheckpointer keeps it (Orbax warns without it)
+            shutil.copy(meta, os.path.join(self.final, "_CHECKPOINT_METADATA"))
         shutil.rmtree(self.work)
 
     def abort(self) -> None:

@@ -151,6 +151,8 @@ def external_shapes(rule: Rule, shape: tuple, layout: str, patch: int | None = N
         return [(s[1], s[0], 1, 1)]
     if kind in ("linear", "vector"):
         t = tuple(reversed(s)) if kind == "linear" else s
+        if n == 1:
+            return [t]
         sizes = list(rule.parts) if rule.parts else [t[0] // n] * n
         return [(k,) + t[1:] for k in sizes]
     if kind == "patch":
