@@ -82,7 +82,7 @@ def flux_pipeline(tmp, seed=0):
     transformer = FluxTransformer2DModel(**{**TINY, "guidance_embeds": True}).eval()
     return FluxPipeline(
         transformer=randomize_torch_(transformer, std=0.2, seed=seed + 1),
-        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                   base_image_seq_len=256, max_image_seq_len=4096),
         vae=tiny_vae(0.3611, 0.1159, seed + 2),
         text_encoder=clip_model(vocab, width=TINY["pooled_projection_dim"], heads=2, seed=seed + 3, positions=12),
