@@ -127,6 +127,8 @@ def convert(src, out, dtype: str = "float32", tokenizers: str | None = None,
     from mmdit_jax.transformer import parse_dtype
 
     parse_dtype(dtype)
+    if os.path.exists(out):  # before reading anything
+        raise MMDiTError(f"{os.path.abspath(out)}: already exists; not overwriting")
     found = discover(src, dtype, tokenizers)
     if not found.models:
         raise MMDiTError(f"{src}: holds no model component to convert")

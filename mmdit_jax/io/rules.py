@@ -227,12 +227,17 @@ def check(plan: Sequence[Entry], tensors: Mapping, layout: str, template: Mappin
         if absent:
             missing.extend(absent)
             continue
-        shapes = [internal_shape(entry.rule, [_shape_of(tensors, n) for n in group], layout) for group in names]
-        shape = (len(shapes),) + shapes[0] if entry.prefixes is not None and shapes[0] is not None else shapes[0]
-        if any(s != shapes[0] for s in shapes) or shape is None or tuple(shape) != tuple(target.shape):
-            got = [_shape_of(tensors, n) for n in names[0]]
-            bad.append(f"{', '.join(names[0])}: got {shape if shape is not None else got} expected "
-                       f"{tuple(target.shape)} (internal layout)")
+        # stacked: every block must have the per-block shape; name the first that does not
+        want_shape = tuple(target.shape[1:] if entry.prefixes is not None else target.shape)
+        if entry.prefixes is not None and target.shape[0] != len(names):
+            raise AssertionError(f"plan path {entry.path}: {len(names)} blocks for shape {target.shape}")
+        wrong = next(((group, shape) for group in names
+                      for shape in [internal_shape(entry.rule, [_shape_of(tensors, n) for n in group], layout)]
+                      if shape is None or tuple(shape) != want_shape), None)
+        if wrong is not None:
+            group, shape = wrong
+            got = shape if shape is not None else [_shape_of(tensors, n) for n in group]
+            bad.append(f"{', '.join(group)}: got {got} expected {want_shape} (internal layout)")
             continue
         items.append(Item(entry, names, target))
     unexpected = sorted(set(tensors) - used)
