@@ -170,6 +170,8 @@ class ParamsWriter:
             self.flush()
         _set(self.pending, tuple(path), array)
         self.pending_bytes += array.nbytes
+        if self.pending_bytes >= self.flush_bytes:  # a large array is written at once, not kept
+            self.flush()
 
     def flush(self) -> None:
         if not self.pending:
