@@ -55,7 +55,8 @@ def sd3_pipeline(tmp, seed=0):
     tok_l, vocab = write_clip_tokenizer(os.path.join(tmp, "tl"), 12)
     tok_g, _ = write_clip_tokenizer(os.path.join(tmp, "tg"), 12, pad_token="!")
     tok_t5, t5_vocab = make_t5_tokenizer()
-    clip_l = clip_model(vocab, width=128, heads=2, ffn=96, layers=2, projection=128, seed=seed + 1, positions=12)
+    clip_l = clip_model(vocab, width=128, heads=2, ffn=96, layers=2, projection=128, seed=seed + 1,
+                        positions=12)
     with torch.no_grad():
         clip_l.text_projection.weight.copy_(torch.eye(128))
     clip_g = clip_model(vocab, width=128, heads=2, ffn=96, layers=2, act="gelu", projection=40,
@@ -82,11 +83,14 @@ def flux_pipeline(tmp, seed=0):
     transformer = FluxTransformer2DModel(**{**TINY, "guidance_embeds": True}).eval()
     return FluxPipeline(
         transformer=randomize_torch_(transformer, std=0.2, seed=seed + 1),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                  base_image_seq_len=256, max_image_seq_len=4096),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                  max_shift=1.15, base_image_seq_len=256,
+                                                  max_image_seq_len=4096),
         vae=tiny_vae(0.3611, 0.1159, seed + 2),
-        text_encoder=clip_model(vocab, width=TINY["pooled_projection_dim"], heads=2, seed=seed + 3, positions=12),
-        tokenizer=tok_l, text_encoder_2=t5_model(t5_vocab, d_model=TINY["joint_attention_dim"], seed=seed + 4),
+        text_encoder=clip_model(vocab, width=TINY["pooled_projection_dim"], heads=2, seed=seed + 3,
+                                positions=12),
+        tokenizer=tok_l,
+        text_encoder_2=t5_model(t5_vocab, d_model=TINY["joint_attention_dim"], seed=seed + 4),
         tokenizer_2=tok_t5)
 
 

@@ -28,9 +28,9 @@ def test_convert_end_to_end(tmp_path):
 
     tiny_model(seed=1).save_pretrained(str(tmp_path / "src"))
     env = dict(os.environ, PYTHONPATH=ROOT)
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "convert", "convert.py"), f"--src={tmp_path / 'src'}",
-                          f"--out={tmp_path / 'out'}", "--dtype=bfloat16"], env=env, capture_output=True, text=True,
-                         timeout=300)
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "convert", "convert.py"),
+                          f"--src={tmp_path / 'src'}", f"--out={tmp_path / 'out'}", "--dtype=bfloat16"],
+                         env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stderr.strip() == "", res.stderr
     assert "[transformer]" in res.stdout and "arrays" in res.stdout and "mmdit-convert: wrote" in res.stdout
     assert json.loads((tmp_path / "out" / "mmdit_convert.json").read_text())["dtype"] == "bfloat16"

@@ -63,7 +63,7 @@ def test_conversion_memory_is_bounded_by_the_largest_stacked_array(tmp_path):
     model_bytes = sum(int(np.prod(s)) for _, s, _ in specs) * 4  # converted to float32
     largest = cfg.depth_single * cfg.hidden_size * (3 * cfg.hidden_size + cfg.mlp_hidden) * 4
     bound = largest + FLUSH_BYTES + ALLOWANCE
-    assert model_bytes > bound + (200 << 20), "the checkpoint must be big enough for the bound to mean something"
+    assert model_bytes > bound + (200 << 20), "the checkpoint must be big enough for the bound to matter"
 
     conv = _run(src, str(tmp_path / "out"), "convert")
     grew = conv["peak"] - conv["base"]

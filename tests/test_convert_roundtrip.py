@@ -66,7 +66,8 @@ def _file_equal(a, b):
     assert sorted(fa) == sorted(fb)
     for k in fa:
         x, y = np.asarray(fa[k]), np.asarray(fb[k])
-        assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x.view(np.uint8), y.view(np.uint8)), k
+        assert x.dtype == y.dtype and x.shape == y.shape, k
+        assert np.array_equal(x.view(np.uint8), y.view(np.uint8)), k
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import mmdit_jax as mj
-from convert_tiny import bfl_file_tensors, flux_pipeline, ldm_vae, sai_file_tensors, save_torch_pickle, sd3_pipeline
+from convert_tiny import (bfl_file_tensors, flux_pipeline, ldm_vae, sai_file_tensors, save_torch_pickle,
+                          sd3_pipeline)
 from mmdit_jax.convert.pipelines import SCHEDULERS
 from mmdit_jax.convert.to_orbax import convert
 from mmdit_jax.io.safetensors_io import save_file
@@ -126,8 +127,8 @@ def test_sharded_transformer_component_folder(sd3, tmp_path):
     convert(str(tmp_path / "comp"), out)
     ref.check_transformer(out)
     _, index = _record(out)
-    assert index["vae"] == [None, None] and sorted(os.listdir(out)) == ["mmdit_convert.json", "model_index.json",
-                                                                       "transformer"]
+    assert index["vae"] == [None, None]
+    assert sorted(os.listdir(out)) == ["mmdit_convert.json", "model_index.json", "transformer"]
 
 
 def test_flux_pipeline_folder_in_bfloat16(flux, tmp_path):

@@ -94,7 +94,8 @@ def _specs(job: Job, layout: str, prefix: str = ""):
     out = []
     for entry in plan:
         t = flat[entry.path]
-        out.append((entry, [(prefix + k, s, t.dtype) for k, s in rules.export_specs(entry, t.shape, layout, patch)]))
+        specs = rules.export_specs(entry, t.shape, layout, patch)
+        out.append((entry, [(prefix + k, s, t.dtype) for k, s in specs]))
     return out, patch
 
 
