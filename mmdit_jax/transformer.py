@@ -10,7 +10,8 @@ from flax import nnx
 
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.families import detect, family_of_config, family_of_diffusers_config
-from mmdit_jax.io import orbax_io, rules
+from mmdit_jax.io import orbax_io
+from mmdit_jax.io.component import ComponentWeights
 from mmdit_jax.io.sources import open_component
 from mmdit_jax.layers import Buffer
 from mmdit_jax.structure import Structure
@@ -97,15 +98,14 @@ def _unflatten(flat: dict) -> dict:
     return out
 
 
-def load_transformer(path, dtype="float32") -> Transformer:
-    """An SD3/SD3.5/FLUX transformer from a diffusers pipeline/component folder or a single file."""
+def transformer_weights(path, dtype="float32") -> ComponentWeights:
+    """Config, abstract params and the source of an SD3/SD3.5/FLUX transformer (nothing read yet)."""
     dtype = parse_dtype(dtype)
     src = open_component(path, "transformer")
     if src.orbax:
         config = family_of_diffusers_config(src.config, src.origin).config_from_diffusers(src.config,
                                                                                         src.origin)
-        template = Structure(abstract_module(config, dtype)).abstract_params()
-        return Transformer(config, orbax_io.restore_params(src.origin, template), dtype)
+        return ComponentWeights(config, Structure(abstract_module(config, dtype)).abstract_params(), src.origin)
     fam, layout, tensors = detect(src.tensors, src.config, src.origin)
     if src.config is not None:
         config = fam.config_from_diffusers(src.config, src.origin)
@@ -118,8 +118,19 @@ def load_transformer(path, dtype="float32") -> Transformer:
             raise MMDiTError(f"{src.origin}: cannot detect the {fam.name} configuration, key {e} "
                              "is missing") from None
     template = Structure(abstract_module(config, dtype)).abstract_params()
-    params = rules.import_params(fam.plan(config), tensors, layout, template, src.origin)
-    return Transformer(config, params, dtype)
+    return ComponentWeights(config, template, src.origin, fam.plan(config), tensors, layout)
+
+
+def load_transformer(path, dtype="float32", *, mesh=None, shardings=None) -> Transformer:
+    """An SD3/SD3.5/FLUX transformer from a diffusers pipeline/component folder, a single file or an
+    Orbax folder written by mmdit-convert. With `mesh` (or an explicit `shardings` pytree) each
+    parameter is placed straight on its sharding from the logical-axis rules, never gathered first."""
+    weights = transformer_weights(path, dtype)
+    model = Transformer(weights.config, None, dtype)
+    if mesh is not None and shardings is None:
+        shardings = model.param_shardings(mesh)
+    model.params = weights.params(shardings)
+    return model
 
 
 def save_transformer(model: Transformer, folder) -> None:

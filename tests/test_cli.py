@@ -1,4 +1,4 @@
-"""Console scripts exist and fail cleanly until their issues land."""
+"""Console scripts exist, fail cleanly with one line, and (convert) do their job end to end."""
 import os
 import subprocess
 import sys
@@ -16,3 +16,23 @@ def test_entry_scripts_exit_nonzero_with_one_line(name):
     assert res.returncode != 0
     assert "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_convert_end_to_end(tmp_path):
+    import json
+
+    import jax.numpy as jnp
+
+    import mmdit_jax as mj
+    from sd3_oracle import tiny_model
+
+    tiny_model(seed=1).save_pretrained(str(tmp_path / "src"))
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "convert", "convert.py"),
+                          f"--src={tmp_path / 'src'}", f"--out={tmp_path / 'out'}", "--dtype=bfloat16"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stderr.strip() == "", res.stderr
+    assert "[transformer]" in res.stdout and "arrays" in res.stdout and "mmdit-convert: wrote" in res.stdout
+    assert json.loads((tmp_path / "out" / "mmdit_convert.json").read_text())["dtype"] == "bfloat16"
+    model = mj.load_transformer(str(tmp_path / "out"), dtype="bfloat16")
+    assert model.params["x_embedder"]["kernel"].dtype == jnp.bfloat16

@@ -102,26 +102,68 @@ class TensorDict(Mapping):
         return len(self._where)
 
 
+class SafetensorsWriter:
+    """A .safetensors file whose tensor names, shapes and dtypes are known up front: the header is
+    written first, then each tensor at its offset as it comes (any order), so memory holds one tensor.
+    The file appears at `path` only on `close()`, once every tensor was written (`path`.partial until
+    then)."""
+
+    def __init__(self, path: str, specs, metadata: dict | None = None):
+        header, offset = {}, 0
+        self.slots = {}
+        for name, shape, dtype in specs:
+            dtype = np.dtype(dtype)
+            if dtype not in _CODES:
+                raise MMDiTError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+            if name in header:
+                raise MMDiTError(f"{path}: tensor {name!r} listed twice")
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            header[name] = {"dtype": _CODES[dtype], "shape": [int(d) for d in shape],
+                            "data_offsets": [offset, offset + nbytes]}
+            self.slots[name] = (tuple(int(d) for d in shape), dtype, offset)
+            offset += nbytes
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * ((-len(blob)) % 8)  # the format allows space padding; keeps tensors 8-aligned
+        self.path, self.tmp = path, f"{path}.partial"
+        self.base, self.size = 8 + len(blob), 8 + len(blob) + offset
+        self.pending = set(self.slots)
+        self.f = open(self.tmp, "wb")
+        self.f.write(struct.pack("<Q", len(blob)))
+        self.f.write(blob)
+
+    def write(self, name: str, arr) -> None:
+        shape, dtype, offset = self.slots[name]
+        arr = np.asarray(arr)
+        if tuple(arr.shape) != shape or arr.dtype != dtype:
+            raise AssertionError(f"{name}: got {arr.shape} {arr.dtype}, header says {shape} {dtype}")
+        self.f.seek(self.base + offset)
+        self.f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)  # bytes, no copy
+        self.pending.discard(name)
+
+    def close(self) -> None:
+        if self.pending:
+            self.abort()
+            raise AssertionError(f"{self.path}: tensors never written: {sorted(self.pending)[:5]}")
+        self.f.truncate(self.size)
+        self.f.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self.f.close()
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
 def save_file(tensors: Mapping[str, np.ndarray], path: str, metadata: dict | None = None):
     """Write tensors one at a time (no second copy in memory) to `path`, atomically."""
-    header, offset, order = {}, 0, []
-    for name, arr in tensors.items():
-        arr_dtype = np.dtype(arr.dtype)
-        if arr_dtype not in _CODES:
-            raise MMDiTError(f"{path}: tensor {name!r} has unsupported dtype {arr_dtype}")
-        nbytes = int(np.prod(arr.shape, dtype=np.int64)) * arr_dtype.itemsize
-        header[name] = {"dtype": _CODES[arr_dtype], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-        order.append(name)
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * ((-len(blob)) % 8)
-    tmp = f"{path}.partial"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for name in order:
-            f.write(np.ascontiguousarray(tensors[name]).tobytes())
-    os.replace(tmp, path)
+    w = SafetensorsWriter(path, [(k, np.shape(v), np.asarray(v).dtype if not hasattr(v, "dtype") else v.dtype)
+                                 for k, v in tensors.items()], metadata)
+    try:
+        for k in tensors:
+            w.write(k, tensors[k])
+    except BaseException:
+        w.abort()
+        raise
+    w.close()

@@ -36,7 +36,9 @@ class PrefixView(Mapping):
         self._keys = [k[len(prefix):] for k in base if k.startswith(prefix)]
 
     def shape(self, k):
-        return self.base.shape(self.prefix + k)
+        k = self.prefix + k
+        # a pickle's tensors are a plain dict of arrays
+        return self.base.shape(k) if hasattr(self.base, "shape") else np.shape(self.base[k])
 
     def __getitem__(self, k):
         return self.base[self.prefix + k]

@@ -11,6 +11,7 @@ or mis-shaped tensor at once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Mapping
 
 import jax.numpy as jnp
@@ -18,12 +19,14 @@ import numpy as np
 from flax import nnx
 
 from mmdit_jax.errors import MMDiTError
-from mmdit_jax.io import rules
+from mmdit_jax.io import orbax_io, rules
+from mmdit_jax.io.component import ComponentWeights
 from mmdit_jax.io.rules import Entry, Rule
 from mmdit_jax.io.sources import open_component
 from mmdit_jax.text.clip import ACTIVATIONS, CLIPText, CLIPTextConfig
 from mmdit_jax.text.t5 import T5Config, T5Encoder
 from mmdit_jax.structure import Structure
+from mmdit_jax.transformer import parse_dtype
 
 LAYOUT = "transformers"
 # SD3 single files bundle the text encoders under these prefixes.
@@ -134,17 +137,38 @@ def _count(view: KeyView, fmt: str) -> int:
     return n
 
 
-def clip_config_from_json(cfg: dict, view: KeyView, origin: str) -> CLIPTextConfig:
+def clip_config_from_json(cfg: dict, proj: int | None, origin: str) -> CLIPTextConfig:
+    """`proj`: the text_projection width the weights hold (None: no projection)."""
     cfg = cfg.get("text_config", cfg)  # a full CLIPConfig nests the text tower's settings
     act = cfg.get("hidden_act", "quick_gelu")
     if act not in ACTIVATIONS:
         raise MMDiTError(f"{origin}: unsupported CLIP activation {act!r}")
-    proj = view.shape("text_projection.weight")[0] if "text_projection.weight" in view else None
     return CLIPTextConfig(vocab_size=cfg.get("vocab_size", 49408), width=cfg.get("hidden_size", 512),
                           layers=cfg.get("num_hidden_layers", 12), heads=cfg.get("num_attention_heads", 8),
                           ffn=cfg.get("intermediate_size", 2048), max_positions=cfg.get("max_position_embeddings", 77),
                           act=act, eps=cfg.get("layer_norm_eps", 1e-5), projection_dim=proj,
                           eos_token_id=cfg.get("eos_token_id", 49407))
+
+
+def clip_config_to_json(cfg: CLIPTextConfig) -> dict:
+    """A transformers config.json for `cfg` (what mmdit-convert writes for towers from single files)."""
+    out = {"architectures": ["CLIPTextModelWithProjection" if cfg.projection_dim else "CLIPTextModel"],
+           "model_type": "clip_text_model", "vocab_size": cfg.vocab_size, "hidden_size": cfg.width,
+           "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads, "intermediate_size": cfg.ffn,
+           "max_position_embeddings": cfg.max_positions, "hidden_act": cfg.act, "layer_norm_eps": cfg.eps,
+           "eos_token_id": cfg.eos_token_id}
+    if cfg.projection_dim:
+        out["projection_dim"] = cfg.projection_dim
+    return out
+
+
+def t5_config_to_json(cfg: T5Config) -> dict:
+    return {"architectures": ["T5EncoderModel"], "model_type": "t5", "vocab_size": cfg.vocab_size,
+            "d_model": cfg.d_model, "d_kv": cfg.d_kv, "d_ff": cfg.d_ff, "num_layers": cfg.layers,
+            "num_heads": cfg.heads, "relative_attention_num_buckets": cfg.num_buckets,
+            "relative_attention_max_distance": cfg.max_distance, "layer_norm_epsilon": cfg.eps,
+            "feed_forward_proj": "gated-gelu", "dense_act_fn": "gelu_new", "is_gated_act": True,
+            "is_encoder_decoder": False, "use_cache": False}
 
 
 def clip_config_from_weights(view: KeyView, origin: str, act: str | None = None) -> CLIPTextConfig:
@@ -198,9 +222,14 @@ class Loaded:
         return self.structure.module(self.params if params is None else params)
 
 
+@functools.lru_cache(maxsize=16)
+def _structure(module_cls, cfg, dtype) -> Structure:
+    return Structure(nnx.eval_shape(lambda: module_cls(cfg, param_dtype=dtype, rngs=nnx.Rngs(0))))
+
+
 def build(module_cls, cfg, plan, view, dtype, origin) -> Loaded:
     """`module_cls(cfg)` with every parameter filled from `view` (nothing random is materialised)."""
-    structure = Structure(nnx.eval_shape(lambda: module_cls(cfg, param_dtype=dtype, rngs=nnx.Rngs(0))))
+    structure = _structure(module_cls, cfg, dtype)
     params = rules.import_params(plan, view, LAYOUT, structure.abstract_params(), origin)
     return Loaded(cfg, structure, params)
 
@@ -224,17 +253,23 @@ def _pick_bundle(tensors: Mapping, prefix: str | None, kinds: tuple[str, ...], b
     raise MMDiTError(f"{origin}: holds several text encoders ({', '.join(present)}); choose one with prefix=")
 
 
-def load_clip(path, dtype=jnp.float32, *, subfolder: str = "text_encoder", prefix: str | None = None,
-              act: str | None = None, identity_projection: bool = False) -> Loaded:
-    """A CLIP text tower from a pipeline folder, a transformers folder or a single file.
+def _saved_projection(folder: str) -> int | None:
+    shape = orbax_io.saved_leaves(folder).get(("text_projection", "kernel"), (None,))[0]
+    return shape[1] if shape else None
 
-    `prefix` picks a model inside a single file ("clip_l", "clip_g" or a literal key prefix).
-    `identity_projection`: give a file without `text_projection` an identity one, as diffusers does for
-    the CLIP-L bundled in SD3 files (SD3 uses CLIPTextModelWithProjection's text_embeds)."""
+
+def clip_weights(path, dtype=jnp.float32, *, subfolder: str = "text_encoder", prefix: str | None = None,
+                 act: str | None = None, identity_projection: bool = False) -> ComponentWeights:
+    """Config, abstract params and the source of a CLIP text tower (see `load_clip`; nothing read)."""
+    dtype = parse_dtype(dtype)
     src = open_component(path, subfolder)
+    if src.orbax:
+        cfg = clip_config_from_json(src.config, _saved_projection(src.origin), src.origin)
+        return ComponentWeights(cfg, _structure(CLIPText, cfg, dtype).abstract_params(), src.origin)
     if src.config is not None:
         view = clip_view(src.tensors)
-        cfg = clip_config_from_json(src.config, view, src.origin)
+        proj = view.shape("text_projection.weight")[0] if "text_projection.weight" in view else None
+        cfg = clip_config_from_json(src.config, proj, src.origin)
     else:
         pre = _pick_bundle(src.tensors, prefix, ("clip_l", "clip_g"), "embeddings.token_embedding.weight",
                            src.origin, nested="text_model.")
@@ -246,13 +281,31 @@ def load_clip(path, dtype=jnp.float32, *, subfolder: str = "text_encoder", prefi
         view = KeyView({**{k: view[k] for k in view}, "text_projection.weight": eye},
                        {**{k: k for k in view}, "text_projection.weight": "text_projection.weight"})
         cfg = dataclasses.replace(cfg, projection_dim=cfg.width)
-    return build(CLIPText, cfg, clip_plan(cfg), view, dtype, src.origin)
+    template = _structure(CLIPText, cfg, dtype).abstract_params()
+    return ComponentWeights(cfg, template, src.origin, clip_plan(cfg), view, LAYOUT)
 
 
-def load_t5(path, dtype=jnp.float32, *, subfolder: str = "text_encoder_3", prefix: str | None = None) -> Loaded:
-    """A T5 encoder from a pipeline folder, a transformers folder or a single file
-    (`prefix`: "t5xxl" or a literal key prefix inside a bundled file)."""
+def load_clip(path, dtype=jnp.float32, *, subfolder: str = "text_encoder", prefix: str | None = None,
+              act: str | None = None, identity_projection: bool = False) -> Loaded:
+    """A CLIP text tower from a pipeline folder, a transformers folder, an Orbax folder written by
+    mmdit-convert, or a single file.
+
+    `prefix` picks a model inside a single file ("clip_l", "clip_g" or a literal key prefix).
+    `identity_projection`: give a file without `text_projection` an identity one, as diffusers does for
+    the CLIP-L bundled in SD3 files (SD3 uses CLIPTextModelWithProjection's text_embeds)."""
+    w = clip_weights(path, dtype, subfolder=subfolder, prefix=prefix, act=act,
+                     identity_projection=identity_projection)
+    return Loaded(w.config, _structure(CLIPText, w.config, parse_dtype(dtype)), w.params())
+
+
+def t5_weights(path, dtype=jnp.float32, *, subfolder: str = "text_encoder_3",
+               prefix: str | None = None) -> ComponentWeights:
+    """Config, abstract params and the source of a T5 encoder (see `load_t5`; nothing read)."""
+    dtype = parse_dtype(dtype)
     src = open_component(path, subfolder)
+    if src.orbax:
+        cfg = t5_config_from_json(src.config, src.origin)
+        return ComponentWeights(cfg, _structure(T5Encoder, cfg, dtype).abstract_params(), src.origin)
     if src.config is not None:
         view = t5_view(src.tensors)
         cfg = t5_config_from_json(src.config, src.origin)
@@ -260,4 +313,12 @@ def load_t5(path, dtype=jnp.float32, *, subfolder: str = "text_encoder_3", prefi
         pre = _pick_bundle(src.tensors, prefix, ("t5xxl",), "encoder.final_layer_norm.weight", src.origin)
         view = t5_view(src.tensors, pre)
         cfg = t5_config_from_weights(view, src.origin)
-    return build(T5Encoder, cfg, t5_plan(cfg), view, dtype, src.origin)
+    template = _structure(T5Encoder, cfg, dtype).abstract_params()
+    return ComponentWeights(cfg, template, src.origin, t5_plan(cfg), view, LAYOUT)
+
+
+def load_t5(path, dtype=jnp.float32, *, subfolder: str = "text_encoder_3", prefix: str | None = None) -> Loaded:
+    """A T5 encoder from a pipeline folder, a transformers folder, an Orbax folder written by
+    mmdit-convert, or a single file (`prefix`: "t5xxl" or a literal key prefix inside a bundled file)."""
+    w = t5_weights(path, dtype, subfolder=subfolder, prefix=prefix)
+    return Loaded(w.config, _structure(T5Encoder, w.config, parse_dtype(dtype)), w.params())

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from mmdit_jax.errors import MMDiTError
-from mmdit_jax.io import rules
+from mmdit_jax.io.component import ComponentWeights
 from mmdit_jax.io.sources import PrefixView, open_component, read_json
 from mmdit_jax.vae import tiling, weights
 from mmdit_jax.vae.config import VAEConfig
@@ -163,22 +163,10 @@ def pixel_space_config(path) -> PixelSpaceConfig | None:
     return PixelSpaceConfig.from_diffusers(cfg, cfg_path)
 
 
-def load_vae(path, dtype="float32", *, family: str | None = None, config: VAEConfig | None = None) -> VAE:
-    """The 16-channel KL VAE from a diffusers pipeline folder (its vae/), an AutoencoderKL component
-    folder, or a single .safetensors file in the LDM layout (SD3 files, keys under `first_stage_model.`;
-    BFL's `ae.safetensors`, bare keys) or the diffusers layout.
-
-    Latent scale/shift: a folder's config.json gives them. A single file carries none, so they come
-    from `family` ("sd3" or "flux") when given, else from where the keys sit: `first_stage_model.`
-    (an SD3 checkpoint) means "sd3", bare or `vae.` keys (BFL's ae.safetensors) mean "flux". An explicit
-    `family` also overrides a config.json's values. `config` replaces detection entirely (needed only
-    for networks whose GroupNorm group count is not 32, which weights can not reveal).
-
-    A folder whose config.json names `PixelSpaceVAE` gives that parameter-free latent map instead."""
+def vae_weights(path, dtype="float32", *, family: str | None = None,
+                config: VAEConfig | None = None) -> ComponentWeights:
+    """Config, abstract params and the source of a VAE (see `load_vae`; nothing read yet)."""
     dtype = parse_dtype(dtype)
-    pixel = pixel_space_config(path)
-    if pixel is not None:  # parameter-free: no weights file to open
-        return PixelSpaceVAE(pixel, {}, dtype)
     src = open_component(path, "vae")
     tensors, layout, origin = src.tensors, "diffusers", src.origin
     if src.config is not None:
@@ -195,5 +183,26 @@ def load_vae(path, dtype="float32", *, family: str | None = None, config: VAECon
     if family is not None and config is None:
         cfg = cfg.with_family(family)
     template = _network(cfg, dtype).structure.abstract_params()
-    params = rules.import_params(weights.plan(cfg), tensors, layout, template, origin)
-    return VAE(cfg, params, dtype)
+    if src.orbax:
+        return ComponentWeights(cfg, template, origin)
+    return ComponentWeights(cfg, template, origin, weights.plan(cfg), tensors, layout)
+
+
+def load_vae(path, dtype="float32", *, family: str | None = None, config: VAEConfig | None = None) -> VAE:
+    """The 16-channel KL VAE from a diffusers pipeline folder (its vae/), an AutoencoderKL component
+    folder, an Orbax folder written by mmdit-convert, or a single .safetensors file in the LDM layout
+    (SD3 files, keys under `first_stage_model.`; BFL's `ae.safetensors`, bare keys) or the diffusers
+    layout.
+
+    Latent scale/shift: a folder's config.json gives them. A single file carries none, so they come
+    from `family` ("sd3" or "flux") when given, else from where the keys sit: `first_stage_model.`
+    (an SD3 checkpoint) means "sd3", bare or `vae.` keys (BFL's ae.safetensors) mean "flux". An explicit
+    `family` also overrides a config.json's values. `config` replaces detection entirely (needed only
+    for networks whose GroupNorm group count is not 32, which weights can not reveal).
+
+    A folder whose config.json names `PixelSpaceVAE` gives that parameter-free latent map instead."""
+    pixel = pixel_space_config(path)
+    if pixel is not None:  # parameter-free: no weights file to open
+        return PixelSpaceVAE(pixel, {}, parse_dtype(dtype))
+    w = vae_weights(path, dtype, family=family, config=config)
+    return VAE(w.config, w.params(), dtype)
