@@ -139,3 +139,15 @@ def test_bad_sizes_and_inputs(sd3):
         ours("a cat", height=16, width=16, sampler="heun")
     with pytest.raises(mj.MMDiTError, match="strength"):
         ours.img2img(np.zeros((16, 16, 3), np.float32), "a cat", strength=0.0, num_inference_steps=2)
+
+
+@pytest.mark.slow
+def test_bfloat16_pipeline_stays_close_to_float32(sd3):
+    _, ours, folder = sd3
+    kw = dict(prompt=PROMPTS, negative_prompt=NEG, height=H, width=W, num_inference_steps=4, guidance_scale=5.0,
+              max_sequence_length=12, latents=_latents(6), output_type="np")
+    ref = ours(**kw)
+    low = mj.Pipeline.from_pretrained(folder, dtype="bfloat16")(**kw)
+    assert low.dtype == np.float32 and np.isfinite(low).all()
+    err = float(np.abs(low - ref).max())
+    assert 0 < err < 0.1, err  # bf16 weights and activations: different, but the same picture

@@ -168,7 +168,7 @@ class Pipeline:
         batch = x0.shape[0]
         if max_sequence_length is None:
             max_sequence_length = self.defaults.max_sequence_length
-        if self.family == "flux" and max_sequence_length > 512:
+        if max_sequence_length > 512:  # both diffusers pipelines refuse longer T5 prompts
             raise MMDiTError(f"max_sequence_length must be at most 512, got {max_sequence_length}")
         solvers.check(sampler)
         cfg_on, cfg_scale, g_embed, slg = self._guidance_mode(guidance_scale, true_cfg_scale, neg, slg)
