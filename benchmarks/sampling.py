@@ -98,7 +98,10 @@ def main():
     ap.add_argument("--sizes", default="32x32,64x48", help="latent HxW (images are 8x larger)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--steps", default="2,6")
+    ap.add_argument("--torch_threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     a = ap.parse_args()
+    if a.torch_threads:
+        torch.set_num_threads(a.torch_threads)
     n1, n2 = map(int, a.steps.split(","))
     from diffusers.utils import logging as dlog
 

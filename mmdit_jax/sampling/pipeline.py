@@ -80,7 +80,7 @@ class Pipeline:
             raise MMDiTError(f"{path}: no such model folder")
         scheduler = schedules.read_scheduler_config(path)
         transformer = load_transformer(path, dtype)
-        vae = load_vae(path, dtype, family=None)
+        vae = load_vae(path, dtype)
         text = load_text_encoders(path, dtype)
         if text.family != transformer.config.family:
             raise MMDiTError(f"{path}: text encoders are {text.family}'s but the transformer is "
@@ -140,7 +140,7 @@ class Pipeline:
         return schedules.flow_match_sigmas(sc, n_steps, sigmas=sigmas, mu=mu)
 
     def _guidance_mode(self, guidance_scale, true_cfg_scale, neg, slg):
-        """(cfg on?, cfg scale, embedded guidance or None)."""
+        """(cfg on?, cfg scale, embedded guidance or None, skip-layer guidance or None)."""
         if self.family == "sd3":
             cfg_on = guidance_scale > 1.0
             if slg is not None and not cfg_on:
