@@ -3,6 +3,7 @@ from mmdit_jax.attention import attention, attention_backend
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.families import preset
 from mmdit_jax.flux.config import FluxConfig
+from mmdit_jax.sampling import Pipeline
 from mmdit_jax.sd3.config import MMDiTConfig
 from mmdit_jax.text import load_text_encoders
 from mmdit_jax.transformer import Transformer, count_params, load_transformer, save_transformer
@@ -10,6 +11,7 @@ from mmdit_jax.vae import VAE, VAEConfig, load_vae
 
 __version__ = "0.1.0"
 
-__all__ = ["FluxConfig", "MMDiTConfig", "MMDiTError", "Transformer", "VAE", "VAEConfig", "attention",
-           "attention_backend", "count_params", "load_text_encoders", "load_transformer", "load_vae", "save_transformer",
+__all__ = ["FluxConfig", "MMDiTConfig", "MMDiTError", "Pipeline", "Transformer", "VAE", "VAEConfig", "attention",
+           "attention_backend", "count_params", "load_text_encoders", "load_transformer", "load_vae",
+           "save_transformer",
            "preset"]

@@ -35,12 +35,24 @@ class Stack(nnx.Module):
 
         self.blocks = create(rngs)
 
-    def __call__(self, carry, *args, remat: str = "none"):
-        """carry = block(carry, *args) for each block in order; `args` are shared by all blocks."""
+    def __call__(self, carry, *args, remat: str = "none", skip=None):
+        """carry = block(carry, *args) for each block in order; `args` are shared by all blocks.
+
+        `skip` (n,) bools, optional: blocks where it is True pass the carry through unchanged
+        (skip-layer guidance); a `lax.cond`, so skipped blocks cost nothing."""
         graphdef, state = nnx.split(self.blocks)
 
-        def body(c, layer_state):
-            return nnx.merge(graphdef, layer_state)(c, *args), None
+        def run(c, layer_state):
+            return nnx.merge(graphdef, layer_state)(c, *args)
+
+        if skip is None:
+            def body(c, layer_state):
+                return run(c, layer_state), None
+        else:
+            def body(c, xs):
+                layer_state, skip_this = xs
+                return jax.lax.cond(skip_this, lambda c_, _: c_, run, c, layer_state), None
+            state = (state, jax.numpy.asarray(skip, bool))
 
         if remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {remat!r}; expected one of {sorted(REMAT_POLICIES)}")

@@ -54,7 +54,7 @@ class Transformer:
         self.dtype = parse_dtype(dtype)
         self._structure = Structure(abstract_module(config, self.dtype))
         self.params = params
-        self._jitted = jax.jit(self.apply, static_argnames=("remat",))
+        self._jitted = jax.jit(self.apply, static_argnames=("remat", "skip_layers"))
 
     @classmethod
     def init(cls, config, seed: int = 0, dtype="float32"):
@@ -67,11 +67,20 @@ class Transformer:
     def module(self, params) -> nnx.Module:
         return self._structure.module(params)
 
-    def apply(self, params, latents, sigma, context, pooled, guidance=None, *, remat: str = "none"):
-        return self.module(params)(latents, sigma, context, pooled, guidance, remat=remat)
+    def apply(self, params, latents, sigma, context, pooled, guidance=None, *, remat: str = "none",
+              skip_layers: tuple[int, ...] = ()):
+        """`skip_layers` (SD3 family only): blocks bypassed, as diffusers' skip-layer guidance does."""
+        kw = {}
+        if skip_layers:
+            if self.config.family != "sd3":
+                raise MMDiTError(f"skip_layers is supported for SD3-family models, not {self.config.family}")
+            kw["skip_layers"] = tuple(int(i) for i in skip_layers)
+        return self.module(params)(latents, sigma, context, pooled, guidance, remat=remat, **kw)
 
-    def __call__(self, latents, sigma, context, pooled, guidance=None, *, remat: str = "none"):
-        return self._jitted(self.params, latents, sigma, context, pooled, guidance, remat=remat)
+    def __call__(self, latents, sigma, context, pooled, guidance=None, *, remat: str = "none",
+                 skip_layers: tuple[int, ...] = ()):
+        return self._jitted(self.params, latents, sigma, context, pooled, guidance, remat=remat,
+                            skip_layers=tuple(skip_layers))
 
     def _map_variables(self, fn):
         """A pytree shaped like `params` with fn(variable) at each leaf."""

@@ -36,3 +36,10 @@ def test_convert_end_to_end(tmp_path):
     assert json.loads((tmp_path / "out" / "mmdit_convert.json").read_text())["dtype"] == "bfloat16"
     model = mj.load_transformer(str(tmp_path / "out"), dtype="bfloat16")
     assert model.params["x_embedder"]["kernel"].dtype == jnp.bfloat16
+
+
+def test_sample_without_flags_names_the_missing_one():
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "sample", "sample.py")], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.strip() == "mmdit-sample: error: --model is required"

@@ -138,7 +138,9 @@ class MMDiT(nnx.Module):
         table = self.pos_embed[...].reshape(m, m, -1)
         return table[top:top + h, left:left + w].reshape(h * w, -1)
 
-    def __call__(self, latents, sigma, context, pooled, guidance=None, *, remat: str = "none"):
+    def __call__(self, latents, sigma, context, pooled, guidance=None, *, remat: str = "none",
+                 skip_layers: tuple[int, ...] = ()):
+        """`skip_layers`: indices of joint blocks to bypass (diffusers' skip-layer guidance)."""
         cfg = self.config
         if guidance is not None:
             raise MMDiTError("this SD3-family model has no guidance embedder; pass guidance=None "
@@ -154,8 +156,12 @@ class MMDiT(nnx.Module):
         x = self.x_embedder(x.reshape(b, h * w, p * p * ch)) + self.cropped_pos_embed(h, w)[None]
         c = self.t_embedder(timestep_embedding(1000.0 * sigma)) + self.y_embedder(pooled.astype(dtype))
         ctx = self.context_embedder(context.astype(dtype))
-        for group in self.groups:
-            ctx, x = group((ctx, x), c, remat=remat)
+        bad = [i for i in skip_layers if not 0 <= i < cfg.num_layers]
+        if bad:
+            raise MMDiTError(f"skip_layers {bad} outside blocks 0..{cfg.num_layers - 1}")
+        for group, (_, idx) in zip(self.groups, cfg.groups()):
+            skip = [i in skip_layers for i in idx] if skip_layers else None
+            ctx, x = group((ctx, x), c, remat=remat, skip=skip)
         x = self.final_layer(x, c)
         x = x.reshape(b, h, w, p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
         return x.reshape(b, hh, ww, cfg.out_channels)

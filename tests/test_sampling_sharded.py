@@ -1,0 +1,44 @@
+"""Data-parallel sampling: on 8 (virtual CPU) devices the batch is split over all of them and the images
+equal the single-device ones."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import mmdit_jax as mj
+from sampling_tiny import flux_pipeline
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    import jax, numpy as np
+    import mmdit_jax as mj
+    folder, ref_path = sys.argv[1], sys.argv[2]
+    assert len(jax.local_devices()) == 8
+    pipe = mj.Pipeline.from_pretrained(folder)
+    x = pipe._shard(np.zeros((8, 4, 4, 16), np.float32))
+    assert len({s.device for s in x.addressable_shards}) == 8 and x.addressable_shards[0].data.shape[0] == 1
+    out = pipe(["a red cat", "big sky"], height=16, width=12, num_inference_steps=3, guidance_scale=3.0,
+               seed=3, num_images_per_prompt=4, max_sequence_length=6, output_type="np")
+    ref = np.load(ref_path)
+    err = float(np.abs(out - ref).max())
+    assert err < 1e-5, err
+    print("OK", err)
+""")
+
+
+@pytest.mark.slow
+def test_batch_spread_over_eight_devices_gives_the_same_images(tmp_path):
+    _, folder = flux_pipeline(tmp_path, seed=70)
+    ref = mj.Pipeline.from_pretrained(folder)(["a red cat", "big sky"], height=16, width=12, num_inference_steps=3,
+                                             guidance_scale=3.0, seed=3, num_images_per_prompt=4,
+                                             max_sequence_length=6, output_type="np")
+    np.save(tmp_path / "ref.npy", ref)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", SCRIPT, folder, str(tmp_path / "ref.npy")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stdout + res.stderr[-3000:]
