@@ -76,7 +76,9 @@ class RecordWriter:
         self.writers[shape].write(encode_record(key, caption, latents, context, pooled))
         self.buckets[shape]["count"] += 1
 
-    def commit(self, meta: dict, null_text) -> str:
+    def commit(self, meta: dict, null_text) -> dict:
+        """Write meta.json (with the bucket list) and the null-caption encoding, then rename into place;
+        returns the metadata written."""
         from mmdit_jax.io.safetensors_io import save_file
 
         for w in self.writers.values():
@@ -97,7 +99,7 @@ class RecordWriter:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(self.tmp, self.out)
-        return self.out
+        return meta
 
     def abort(self):
         for w in self.writers.values():

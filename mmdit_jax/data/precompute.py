@@ -54,12 +54,12 @@ def precompute(src: str, encoders_path: str, out: str, *, resolution: int = 256,
                         writer.add(shapes[b], key, captions[i], out_b["latents"][i], out_b["context"][i],
                                    out_b["pooled"][i])
                 progress.update(len(members[start:start + batch_size]))
-        meta = {"source": src, "family": enc.text.family, "resolution": resolution, "buckets": buckets,
+        meta = {"source": src, "family": enc.text.family, "resolution": resolution, "aspect_buckets": buckets,
                 "bucket_step": bucket_step, "dtype": dtype,
                 "max_sequence_length": max_sequence_length or enc.text.default_max_sequence_length,
                 "text_layout": [s.to_json() for s in enc.text_layout], "skipped": skipped,
                 "uncaptioned": scan.uncaptioned}
-        writer.commit(meta, enc.null_text)
+        meta = writer.commit(meta, enc.null_text)
     except BaseException:
         writer.abort()
         raise
