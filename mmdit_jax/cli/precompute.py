@@ -17,6 +17,8 @@ flags.DEFINE_integer("min_bucket_size", 1, "buckets with fewer images are merged
 flags.DEFINE_integer("batch_size", 8, "images encoded per call")
 flags.DEFINE_integer("max_sequence_length", None, "T5 tokens (default: the family's pipeline default)")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "encoders' compute dtype (records are float32)")
+flags.DEFINE_enum("store_dtype", "float32", ["float32", "bfloat16"], "dtype of the stored arrays (read back as "
+                  "float32); bfloat16 halves the files")
 flags.DEFINE_string("caption_ext", ".txt", "caption file extension")
 flags.DEFINE_boolean("overwrite", False, "replace an existing output folder")
 
@@ -33,7 +35,8 @@ def main(argv):
         precompute(FLAGS.src, FLAGS.encoders, FLAGS.out, resolution=FLAGS.resolution, buckets=FLAGS.buckets,
                    bucket_step=FLAGS.bucket_step, min_bucket_size=FLAGS.min_bucket_size,
                    batch_size=FLAGS.batch_size, max_sequence_length=FLAGS.max_sequence_length,
-                   dtype=FLAGS.dtype, caption_ext=FLAGS.caption_ext, overwrite=FLAGS.overwrite)
+                   dtype=FLAGS.dtype, caption_ext=FLAGS.caption_ext, overwrite=FLAGS.overwrite,
+                   store_dtype=FLAGS.store_dtype)
     except MMDiTError as e:
         print(f"mmdit-precompute: {e}", file=sys.stderr)
         sys.exit(1)

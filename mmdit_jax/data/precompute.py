@@ -18,7 +18,7 @@ from mmdit_jax.errors import MMDiTError
 def precompute(src: str, encoders_path: str, out: str, *, resolution: int = 256, buckets: bool = True,
                bucket_step: int = 64, min_bucket_size: int = 1, batch_size: int = 8,
                max_sequence_length: int | None = None, dtype: str = "float32", caption_ext: str = ".txt",
-               overwrite: bool = False, stream=None) -> dict:
+               overwrite: bool = False, store_dtype: str = "float32", stream=None) -> dict:
     """Writes `out` (a folder, atomically) and returns its metadata."""
     stream = stream or sys.stderr
     if batch_size < 1 or min_bucket_size < 1:
@@ -34,7 +34,7 @@ def precompute(src: str, encoders_path: str, out: str, *, resolution: int = 256,
     assign = bk.merge_small([bk.nearest_bucket(it.height, it.width, shapes) for it in scan.items], shapes,
                             min_bucket_size)
     skipped = dict(scan.skipped)
-    writer = RecordWriter(out, overwrite=overwrite)
+    writer = RecordWriter(out, overwrite=overwrite, dtype=store_dtype)
     progress = Progress("precompute", len(scan.items), stream=stream)
     try:
         for b in sorted(set(assign)):  # the bucket order the on-the-fly pipeline uses
@@ -55,7 +55,7 @@ def precompute(src: str, encoders_path: str, out: str, *, resolution: int = 256,
                                    out_b["pooled"][i])
                 progress.update(len(members[start:start + batch_size]))
         meta = {"source": src, "family": enc.text.family, "resolution": resolution, "aspect_buckets": buckets,
-                "bucket_step": bucket_step, "dtype": dtype,
+                "bucket_step": bucket_step, "dtype": dtype, "store_dtype": store_dtype,
                 "max_sequence_length": max_sequence_length or enc.text.default_max_sequence_length,
                 "text_layout": [s.to_json() for s in enc.text_layout], "skipped": skipped,
                 "uncaptioned": scan.uncaptioned}
