@@ -19,6 +19,8 @@ setup(
         "transformers",  # tokenizers only
         "safetensors",
         "grain",
+        "array-record",  # precomputed latents
+        "msgpack",
         "absl-py",
         "Pillow",
     ],
@@ -37,6 +39,7 @@ setup(
             "mmdit-convert=mmdit_jax.cli.convert:run",
             "mmdit-sample=mmdit_jax.cli.sample:run",
             "mmdit-train=mmdit_jax.cli.train:run",
+            "mmdit-precompute=mmdit_jax.cli.precompute:run",
         ],
     },
 )

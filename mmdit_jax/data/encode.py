@@ -1,0 +1,103 @@
+"""On-the-fly encoding of raw batches (uint8 images + captions) with a pipeline folder's VAE and text
+encoders, and where each text encoder's part lies in (context, pooled).
+
+Both encoders are jitted (compiled once per batch shape, i.e. per bucket); one call per batch."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import numpy as np
+
+from mmdit_jax.errors import MMDiTError
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSegment:
+    """One text encoder's part of the encoding: context[:, rows, channels] and pooled[:, pooled]. Zeroing
+    it gives what the pipeline would produce without that encoder (per-encoder dropout)."""
+    name: str
+    rows: slice
+    channels: slice
+    pooled: slice
+
+    def to_json(self) -> list:
+        return [self.name] + [[s.start, s.stop] for s in (self.rows, self.channels, self.pooled)]
+
+    @classmethod
+    def from_json(cls, value) -> "TextSegment":
+        name, rows, channels, pooled = value
+        return cls(str(name), slice(*rows), slice(*channels), slice(*pooled))
+
+
+def _span(start: int, stop: int, limit: int) -> slice:
+    return slice(min(start, limit), min(stop, limit))
+
+
+def text_layout(enc, max_sequence_length: int | None) -> tuple[TextSegment, ...]:
+    """The segments of `mj.load_text_encoders`' output, read off its encoders' configs (see
+    mmdit_jax/text/encoders.py for how each family assembles context and pooled)."""
+    n = max_sequence_length or enc.default_max_sequence_length
+    if enc.family == "sd3":
+        width, rows = enc.width, enc.clip_length
+        wl, wg = enc.clip_l.config.width, enc.clip_g.config.width
+        pl, pg = enc.clip_l.config.projection_dim, enc.clip_g.config.projection_dim
+        segments = [TextSegment("clip_l", slice(0, rows), _span(0, wl, width), slice(0, pl)),
+                    TextSegment("clip_g", slice(0, rows), _span(wl, wl + wg, width), slice(pl, pl + pg))]
+        if enc.t5 is not None:  # without T5 that part is zeros already: nothing to drop
+            segments.append(TextSegment("t5", slice(rows, rows + n), slice(0, width), slice(0, 0)))
+        return tuple(segments)
+    if enc.family == "flux":
+        return (TextSegment("clip", slice(0, 0), slice(0, 0), slice(0, enc.clip.config.width)),
+                TextSegment("t5", slice(0, n), slice(0, enc.t5.config.d_model), slice(0, 0)))
+    raise MMDiTError(f"text encoders of family {enc.family!r} have no known layout")
+
+
+class Encoders:
+    """`encoders(images uint8 (B, H, W, 3), captions) -> {latents, context, pooled}` host float32 arrays."""
+
+    def __init__(self, path: str, dtype: str = "float32", max_sequence_length: int | None = None):
+        from mmdit_jax.text import load_text_encoders
+        from mmdit_jax.vae import load_vae
+
+        self.vae = load_vae(path, dtype)
+        self.text = load_text_encoders(path, dtype)
+        self.max_sequence_length = max_sequence_length
+        self.text_layout = text_layout(self.text, max_sequence_length)
+        context, pooled = self.encode_text([""])
+        context, pooled = context[0], pooled[0]
+        context.setflags(write=False)  # shared by every iterator made from these encoders
+        pooled.setflags(write=False)
+        self.null_text = (context, pooled)
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's reduction times the 2x2 latent patches."""
+        return self.vae.config.downsample_factor * 2
+
+    def encode_text(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        context, pooled = self.text(list(captions), max_sequence_length=self.max_sequence_length)
+        return np.asarray(context, np.float32), np.asarray(pooled, np.float32)
+
+    def encode_images(self, images: np.ndarray) -> np.ndarray:
+        x = images.astype(np.float32) / 127.5 - 1.0
+        return np.asarray(self.vae.encode(x), np.float32)
+
+    def __call__(self, images: np.ndarray, captions: list[str]) -> dict:
+        context, pooled = self.encode_text(captions)
+        return {"latents": self.encode_images(images), "context": context, "pooled": pooled}
+
+
+def load_encoders(path: str, dtype: str = "float32", max_sequence_length: int | None = None) -> Encoders:
+    """`Encoders` for a pipeline folder, shared within the process (loading and compiling them again for
+    every data iterator, e.g. a resumed or an evaluation one, would cost seconds to minutes)."""
+    path = os.path.realpath(os.fspath(path))
+    index = os.path.join(path, "model_index.json")
+    stamp = os.path.getmtime(index) if os.path.isfile(index) else None  # a rewritten folder loads afresh
+    return _cached(path, str(dtype), max_sequence_length, stamp)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached(path, dtype, max_sequence_length, stamp) -> Encoders:
+    return Encoders(path, dtype, max_sequence_length)
