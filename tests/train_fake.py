@@ -73,3 +73,17 @@ def tiny_config(**kw) -> TrainConfig:
         checkpoint=CheckpointConfig(every=3, keep=2, async_save=True),
         log=LogConfig(every=1, val_every=4), batch_size=4, max_steps=10, seed=1, data_factory="fake")
     return base.replace(**kw)
+
+
+class SlowFakeTrainData(FakeTrainData):
+    """Paced batches so a test can SIGTERM a run mid-way."""
+
+    def __next__(self):
+        import time
+
+        time.sleep(0.25)
+        return super().__next__()
+
+
+register_data_factory("fake_slow", lambda data_cfg, *, batch_size, seed, process_index, **kw:
+                      SlowFakeTrainData(batch_size, seed, process_index))

@@ -1,4 +1,4 @@
-"""--config file for the CLI tests: the tiny SD3 network on FakeTrainData."""
+"""--config file for the CLI tests: the tiny SD3 network on paced FakeTrainData."""
 import os
 import sys
 
@@ -7,4 +7,4 @@ import train_fake  # noqa: E402
 
 
 def get_config():
-    return train_fake.tiny_config()
+    return train_fake.tiny_config(data_factory="fake_slow", max_steps=12)
