@@ -8,18 +8,17 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
 
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.families import family_of_diffusers_config, preset
-from mmdit_jax.sharding import logical_to_spec, make_mesh
+from mmdit_jax.sharding import make_mesh
 from mmdit_jax.training import config as C
 from mmdit_jax.training.checkpoints import Checkpointer, Preemption, write_meta_json
 from mmdit_jax.training.data import make_data
 from mmdit_jax.training.metrics import MetricsWriter
 from mmdit_jax.training.optim import learning_rate, make_optimizer
-from mmdit_jax.training.state import create_state, replicated
-from mmdit_jax.training.step import make_eval_loss, make_train_step
+from mmdit_jax.training.state import create_state
+from mmdit_jax.training.step import batch_sharding, jit_train_step, make_eval_loss
 from mmdit_jax.training.workdir import prepare_workdir
 from mmdit_jax.transformer import Transformer, load_transformer
 
@@ -52,7 +51,7 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
         mesh = make_mesh({a: getattr(cfg.mesh, a) for a in ("data", "fsdp", "tensor", "sequence")})
     except ValueError as e:
         raise MMDiTError(f"--mesh_*: {e}") from None
-    batch_sh = NamedSharding(mesh, logical_to_spec(("batch",), mesh=mesh))
+    batch_sh = batch_sharding(mesh)
     global_batch = cfg.batch_size * jax.process_count()
     shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
     if global_batch % shards:
@@ -93,10 +92,8 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
         write_meta_json(os.path.join(workdir, "train_config.json"), C.to_dict(cfg))
     null_text = getattr(data, "null_text", None)
     null_text = None if null_text is None else tuple(jnp.asarray(x) for x in null_text)
-    step_fn = jax.jit(make_train_step(model, tx, cfg, tuple(getattr(data, "text_layout", ()) or ()),
-                                      null_text),
-                      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated(mesh)),
-                      donate_argnums=0)
+    step_fn = jit_train_step(model, tx, cfg, mesh, state_sh, tuple(getattr(data, "text_layout", ()) or ()),
+                             null_text)
     lr_at = learning_rate(cfg.optim, cfg.max_steps)
 
     def put(batch):

@@ -76,6 +76,24 @@ def make_train_step(model, tx: optax.GradientTransformation, cfg, layout=(), nul
     return train_step
 
 
+def batch_sharding(mesh):
+    from jax.sharding import NamedSharding
+
+    from mmdit_jax.sharding import logical_to_spec
+
+    return NamedSharding(mesh, logical_to_spec(("batch",), mesh=mesh))
+
+
+def jit_train_step(model, tx, cfg, mesh, state_sh, layout=(), null_text=None):
+    """The step jitted for `mesh`: state in/out in its shardings (donated), batch split over the
+    data-parallel axes, metrics replicated."""
+    from mmdit_jax.training.state import replicated
+
+    return jax.jit(make_train_step(model, tx, cfg, layout, null_text),
+                   in_shardings=(state_sh, batch_sharding(mesh)), out_shardings=(state_sh, replicated(mesh)),
+                   donate_argnums=0)
+
+
 def make_eval_loss(model, cfg):
     """(params, batch, sigma, eps) -> unweighted flow loss at fixed (sigma, eps): the validation loss."""
     compute = jnp.dtype(cfg.model.compute_dtype)
