@@ -21,6 +21,7 @@ setup(
         "grain",
         "absl-py",
         "Pillow",
+        "tensorboardX",  # training scalars and sample grids
     ],
     extras_require={
         "test": [

@@ -16,3 +16,5 @@ def test_entry_scripts_exit_nonzero_with_one_line(name):
     assert res.returncode != 0
     assert "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    if name == "train":  # implemented: without flags it asks for the one it cannot do without
+        assert "--workdir is required" in res.stderr

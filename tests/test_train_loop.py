@@ -43,7 +43,10 @@ def test_tiny_model_overfits_a_tiny_batch():
 
 
 def _cli(workdir, *extra):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.path.join(ROOT, "tests"), JAX_PLATFORMS="cpu")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.path.join(ROOT, "tests"), JAX_PLATFORMS="cpu",
+               # the four runs compile the same programs: compile once
+               JAX_COMPILATION_CACHE_DIR=os.path.join(os.path.dirname(workdir), "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return [sys.executable, os.path.join(ROOT, "train", "train.py"), f"--workdir={workdir}",
             f"--config={CONFIG}", *extra], env
 
@@ -55,6 +58,26 @@ def _losses(workdir):
 def _vals(workdir):
     return [(r["step"], r["val_loss"], r["val_loss_ema"]) for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
             if "val_loss" in r]
+
+
+def _tensorboard_scalars(workdir):
+    """{tag: [(step, value)]} read back from the TFRecord event files (framing, then the Event proto)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out = {}
+    folder = os.path.join(workdir, "tensorboard")
+    for name in sorted(os.listdir(folder)):
+        raw = open(os.path.join(folder, name), "rb").read()
+        pos = 0
+        while pos < len(raw):
+            (n,) = struct.unpack("<Q", raw[pos:pos + 8])
+            event = Event.FromString(raw[pos + 12:pos + 12 + n])
+            pos += 12 + n + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
 
 
 @pytest.mark.slow
@@ -97,6 +120,9 @@ def test_sigterm_then_rerun_resumes_exactly(tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(e))
     assert any(float(np.abs(np.asarray(e) - np.asarray(p)).max()) > 0 for e, p in
                zip(jax.tree.leaves(saved["ema"]), jax.tree.leaves(saved["params"])))
+    tb = _tensorboard_scalars(ref)
+    assert {"loss", "grad_norm", "lr", "images_per_sec", "val_loss", "val_loss_ema"} <= set(tb)
+    assert [(st, pytest.approx(v, rel=1e-6)) for st, v in tb["loss"]] == _losses(ref)
     index = json.load(open(os.path.join(ref, "model_index.json")))
     assert index["transformer"] == ["diffusers", "SD3Transformer2DModel"]
     # trained weights, not the init: the output layer (zero at init) moved

@@ -6,6 +6,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 from PIL import Image
 
 import mmdit_jax as mj
@@ -16,6 +17,7 @@ from mmdit_jax.training.loop import train
 from test_pipeline_components import PROMPTS, _sd3
 
 
+@pytest.mark.slow
 def test_finetune_from_pipeline_folder_writes_a_loadable_workdir_and_grid(tmp_path):
     pipe = _sd3(tmp_path)
     base = str(tmp_path / "pipe")

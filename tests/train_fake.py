@@ -9,7 +9,7 @@ from mmdit_jax.training.config import (CheckpointConfig, EMAConfig, LogConfig, L
                                        OptimConfig, TimestepConfig)
 
 TextSegment = collections.namedtuple("TextSegment", "name rows channels pooled")
-TINY_SD3 = dict(_class_name="SD3Transformer2DModel", num_layers=2, attention_head_dim=8, num_attention_heads=2,
+TINY_SD3 = dict(_class_name="SD3Transformer2DModel", num_layers=1, attention_head_dim=8, num_attention_heads=2,
                 joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=10,
                 pos_embed_max_size=8, sample_size=8, qk_norm="rms_norm")
 LATENT_HW = (6, 4)
