@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import mmdit_jax as mj
 from mmdit_jax.training.config import EMAConfig, OptimConfig
@@ -74,6 +75,7 @@ def _step_once(cfg, batch):
     return step(state, batch), state
 
 
+@pytest.mark.slow
 def test_accumulation_matches_one_big_batch_and_ema_follows():
     base = train_fake.tiny_config(batch_size=6)
     # Adam's first step is ~lr * sign(g): a large eps keeps it a smooth function of the gradient, so

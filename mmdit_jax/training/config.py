@@ -82,7 +82,7 @@ class TimestepConfig:
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
     weighting: str = "none"  # "none" | "sigma_sqrt" | "cosmap"
-    encoder_dropout: float = 0.464  # each text encoder zeroed independently (SD3 paper)
+    encoder_dropout: float = 0.463  # each text encoder zeroed independently (SD3 paper)
     caption_dropout: float = 0.0  # whole caption replaced by the empty caption's encoding (CFG)
     guidance: float = 1.0  # fed to a guidance embedder (FLUX.1-dev) when the model has one
 

@@ -23,7 +23,7 @@ from mmdit_jax.training.workdir import prepare_workdir
 from mmdit_jax.transformer import Transformer, load_transformer
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: the run stopped early but checkpointed; rerun to resume
-VAL_SEED_OFFSET = 1_000_003  # validation data and noise come from their own seeds
+VAL_SEED_OFFSET = 1_000_003  # the validation noise has its own seed
 
 
 def network_config(mc):
@@ -85,6 +85,8 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
 
     data = make_data(cfg, seed=cfg.seed, encoders_path=encoders, process_index=jax.process_index(),
                      process_count=jax.process_count())
+    # where the stream starts: the validation batches are read from there
+    data_start = data.get_state() if meta is None else meta["data_start"]
     if meta is not None:
         data.set_state(meta["data"])
     if lead:
@@ -100,7 +102,7 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
         return {k: jax.make_array_from_process_local_data(batch_sh, np.asarray(batch[k]))
                 for k in ("latents", "context", "pooled")}
 
-    validate_fn = _validation(cfg, model, data, encoders, put, batch_sh, mesh)
+    validate_fn = _validation(cfg, model, data, data_start, put, batch_sh)
     grid_fn = _sampler(cfg, model, encoders, data) if cfg.log.sample_every else None
     writer = MetricsWriter(workdir, resume_step, enabled=lead)
     step = int(jax.device_get(state.step))
@@ -130,7 +132,7 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
                 writer.image(step, "samples", grid)
                 if lead:
                     _save_png(grid, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
-            meta_now = dict(data=data.get_state(), config=C.to_dict(cfg))
+            meta_now = dict(data=data.get_state(), data_start=data_start, config=C.to_dict(cfg))
             if preempt.requested and step < cfg.max_steps:
                 ckpt.save(state, meta_now, force=True)
                 print(f"preempted: saved step {step}; rerun the same command to resume", file=out,
@@ -146,23 +148,27 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
     return status
 
 
-def _validation(cfg, model, data_like, encoders, put, batch_sh, mesh):
-    """state -> {"val_loss": ..., "val_loss_ema": ...} on fixed batches, sigmas and noise."""
+def _validation(cfg, model, data, start_state, put, batch_sh):
+    """state -> {"val_loss": ..., "val_loss_ema": ...} on fixed batches, sigmas and noise.
+
+    The batches are the first `val_batches` of the run's own stream (read through the iterator's state,
+    then rewound), so no second data pipeline (and no second copy of the encoders) is needed; the
+    fixed (t, noise) pairs make the number comparable from one evaluation to the next."""
     if not cfg.log.val_every:
         return None
-    vdata = make_data(cfg.replace(data=_no_shuffle(cfg.data)), seed=cfg.seed + VAL_SEED_OFFSET,
-                      encoders_path=encoders, process_index=jax.process_index(),
-                      process_count=jax.process_count())
+    here = data.get_state()
+    data.set_state(start_state)
     fixed = []
     key = jax.random.PRNGKey(cfg.seed + VAL_SEED_OFFSET)
     for i in range(cfg.log.val_batches):
-        b = put(next(vdata))
+        b = put(next(data))
         n = b["latents"].shape[0]
         # sigmas spread evenly over (0, 1): every noise level weighs in, the same ones every time
         sigma = jax.device_put(jnp.asarray((np.arange(n) + 0.5) / n, jnp.float32), batch_sh)
         eps = jax.device_put(jax.random.normal(jax.random.fold_in(key, i), b["latents"].shape, jnp.float32),
                              batch_sh)
         fixed.append((b, sigma, eps))
+    data.set_state(here)
     eval_loss = jax.jit(make_eval_loss(model, cfg))
 
     def run(state):
@@ -172,12 +178,6 @@ def _validation(cfg, model, data_like, encoders, put, batch_sh, mesh):
         return out
 
     return run
-
-
-def _no_shuffle(dc):
-    import dataclasses
-
-    return dataclasses.replace(dc, shuffle=False) if hasattr(dc, "shuffle") else dc
 
 
 def _sampler(cfg, model, encoders, data):
