@@ -23,6 +23,7 @@ setup(
         "msgpack",
         "absl-py",
         "Pillow",
+        "tensorboardX",  # training scalars and sample grids
     ],
     extras_require={
         "test": [

@@ -181,7 +181,7 @@ def test_bad_setups_are_one_line_errors(sd3, folder, tmp_path):
         make_train_data(DataConfig(kind="folder", path=root, resolution=32, bucket_step=6), batch_size=1,
                         seed=0, encoders_path=sd3)
     with pytest.raises(MMDiTError, match="needs a path"):
-        DataConfig(kind="folder")
+        make_train_data(DataConfig(kind="folder"), batch_size=1, seed=0, encoders_path=sd3)
     with pytest.raises(MMDiTError, match="unknown"):
         DataConfig(kind="webdataset")
     with pytest.raises(MMDiTError, match="not found"):

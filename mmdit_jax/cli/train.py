@@ -1,10 +1,76 @@
-"""`mmdit-train`: see README. Lands with its issue; until then it says so and exits non-zero."""
+"""`mmdit-train --workdir=DIR [--config=PRESET_OR_FILE] [--set=section.field=value ...]`.
+
+--config: a preset (see mmdit_jax.training.config.presets()) or a Python file defining get_config().
+--set: any config field by its dotted name, repeatable, e.g. --set=optim.lr=3e-5
+--set=timesteps.sampler=mode --set=log.sample_prompts="a cat|a dog". Dedicated flags below override
+the matching fields. Rerunning the same command resumes from the newest checkpoint in --workdir.
+"""
 import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Output folder (checkpoints, logs, samples); loadable as a pipeline.")
+flags.DEFINE_string("config", None, "Preset name or Python file defining get_config().")
+flags.DEFINE_multi_string("set", [], "section.field=value overrides of the config.")
+flags.DEFINE_integer("max_steps", None, "Optimizer steps to train for (total, across resumes).")
+flags.DEFINE_integer("batch_size", None, "Per-process batch size.")
+flags.DEFINE_string("remat", None, "Remat policy: none, full, dots, qkv_attn, attn.")
+flags.DEFINE_integer("mesh_data", None, "Mesh axis size for pure data parallelism (-1 fills).")
+flags.DEFINE_integer("mesh_fsdp", None, "Mesh axis size for FSDP (-1 fills).")
+flags.DEFINE_integer("mesh_tensor", None, "Mesh axis size for tensor parallelism (-1 fills).")
+flags.DEFINE_integer("mesh_sequence", None, "Mesh axis size for sequence parallelism (-1 fills).")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (settings from the environment).")
+
+
+def _fail(msg: str):
+    print(f"mmdit-train: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _parse(argv):
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        _fail(str(e).splitlines()[0])
+
+
+def build_config():
+    from mmdit_jax.training.config import apply_overrides, load_config, validate
+
+    cfg = load_config(FLAGS.config)
+    sets = list(FLAGS.set)
+    for name, key in (("max_steps", "max_steps"), ("batch_size", "batch_size"), ("remat", "model.remat"),
+                      ("mesh_data", "mesh.data"), ("mesh_fsdp", "mesh.fsdp"), ("mesh_tensor", "mesh.tensor"),
+                      ("mesh_sequence", "mesh.sequence")):
+        if getattr(FLAGS, name) is not None:
+            sets.append(f"{key}={getattr(FLAGS, name)}")
+    return validate(apply_overrides(cfg, sets))
+
+
+def main(argv):
+    from mmdit_jax.errors import MMDiTError
+
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]}; all settings are --flags")
+    if not FLAGS.workdir:
+        _fail("--workdir is required (the folder to train into; rerun with the same one to resume)")
+    try:
+        cfg = build_config()  # everything is checked before any work starts
+        if FLAGS.distributed:
+            import jax
+
+            jax.distributed.initialize()
+        from mmdit_jax.training.loop import train
+
+        status = train(cfg, FLAGS.workdir)
+    except MMDiTError as e:
+        _fail(str(e))
+    sys.exit(status)
 
 
 def run():
-    print("mmdit-train: not implemented yet", file=sys.stderr)
-    sys.exit(2)
+    app.run(main, flags_parser=_parse)
 
 
 if __name__ == "__main__":

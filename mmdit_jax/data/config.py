@@ -25,8 +25,6 @@ class DataConfig:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise MMDiTError(f"data kind {self.kind!r} unknown; expected one of {', '.join(KINDS)}")
-        if self.kind in ("folder", "arrayrecord") and not self.path:
-            raise MMDiTError(f"data kind {self.kind!r} needs a path")
         for name in ("resolution", "bucket_step"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -38,3 +36,9 @@ class DataConfig:
             raise MMDiTError(f"data max_sequence_length must be a positive integer or None, got {n!r}")
         if not self.caption_ext.startswith("."):
             raise MMDiTError(f"data caption_ext must start with '.', got {self.caption_ext!r}")
+
+    def check_path(self):
+        """A folder or precomputed set needs a path; checked where the data is made, not at construction,
+        so a preset can name the kind and a command line add the path."""
+        if self.kind in ("folder", "arrayrecord") and not self.path:
+            raise MMDiTError(f"data kind {self.kind!r} needs a path (--set=data.path=...)")

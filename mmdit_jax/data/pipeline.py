@@ -203,6 +203,7 @@ def make_train_data(cfg: DataConfig, *, batch_size: int, seed: int, encoders_pat
     """This process's data (see the module docstring). `batch_size` is per process."""
     if not isinstance(cfg, DataConfig):
         raise MMDiTError(f"make_train_data needs a DataConfig, got {type(cfg).__name__}")
+    cfg.check_path()
     if not isinstance(batch_size, int) or batch_size < 1:
         raise MMDiTError(f"data batch_size must be a positive integer, got {batch_size!r}")
     if not (isinstance(process_count, int) and process_count >= 1 and 0 <= process_index < process_count):

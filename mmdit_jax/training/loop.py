@@ -1,0 +1,223 @@
+"""The training loop: build or resume the state, step, log, validate, sample, checkpoint, handle SIGTERM."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmdit_jax.errors import MMDiTError
+from mmdit_jax.families import family_of_diffusers_config, preset
+from mmdit_jax.sharding import make_mesh
+from mmdit_jax.training import config as C
+from mmdit_jax.training.checkpoints import Checkpointer, Preemption, write_meta_json
+from mmdit_jax.training.data import make_data
+from mmdit_jax.training.metrics import MetricsWriter
+from mmdit_jax.training.optim import learning_rate, make_optimizer
+from mmdit_jax.training.state import create_state
+from mmdit_jax.training.step import batch_sharding, jit_train_step, make_eval_loss
+from mmdit_jax.training.workdir import prepare_workdir
+from mmdit_jax.transformer import Transformer, load_transformer
+
+PREEMPTED_EXIT = 143  # 128 + SIGTERM: the run stopped early but checkpointed; rerun to resume
+VAL_SEED_OFFSET = 1_000_003  # the validation noise has its own seed
+
+
+def network_config(mc):
+    if mc.preset is not None:
+        return preset(mc.preset)
+    dc = dict(mc.diffusers_config)
+    return family_of_diffusers_config(dc, "model.diffusers_config").config_from_diffusers(
+        dc, "model.diffusers_config")
+
+
+def _eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
+    """Trains to cfg.max_steps (resuming from WORKDIR/checkpoints when there are any). Returns the exit
+    status: 0 when done, PREEMPTED_EXIT after a SIGTERM (state saved)."""
+    C.validate(cfg)
+    workdir = os.path.abspath(workdir)
+    lead = jax.process_index() == 0
+    try:
+        mesh = make_mesh({a: getattr(cfg.mesh, a) for a in ("data", "fsdp", "tensor", "sequence")})
+    except ValueError as e:
+        raise MMDiTError(f"--mesh_*: {e}") from None
+    batch_sh = batch_sharding(mesh)
+    global_batch = cfg.batch_size * jax.process_count()
+    shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+    if global_batch % shards:
+        raise MMDiTError(f"--set=batch_size: global batch {global_batch} does not split over the "
+                         f"{shards} data-parallel devices (mesh data x fsdp)")
+
+    pretrained = None
+    if cfg.model.pretrained is not None:
+        pretrained = load_transformer(cfg.model.pretrained, "float32")
+        net_cfg = pretrained.config
+    else:
+        net_cfg = network_config(cfg.model)
+    model = Transformer(net_cfg, None, "float32")
+    tx = make_optimizer(cfg.optim, cfg.max_steps, model.trainable_mask())
+    use_ema = cfg.ema.decay > 0
+    encoders = cfg.encoders or cfg.model.pretrained
+
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint.every, cfg.checkpoint.keep,
+                        cfg.checkpoint.async_save)
+    resume_step = ckpt.latest_step()
+    if resume_step is not None:
+        # restore straight into the target shardings; no init weights are ever computed on resume
+        target, state_sh = create_state(model, tx, mesh, cfg.seed, use_ema, abstract_only=True)
+        state, meta = ckpt.restore(target, resume_step)
+        print(f"resumed from step {resume_step} ({ckpt.directory})", file=out, flush=True)
+    else:
+        state, state_sh = create_state(model, tx, mesh, cfg.seed, use_ema,
+                                       pretrained.params if pretrained is not None else None)
+        meta = None
+    del pretrained
+
+    data = make_data(cfg, seed=cfg.seed, encoders_path=encoders, process_index=jax.process_index(),
+                     process_count=jax.process_count())
+    # where the stream starts: the validation batches are read from there
+    data_start = data.get_state() if meta is None else meta["data_start"]
+    if meta is not None:
+        data.set_state(meta["data"])
+    if lead:
+        prepare_workdir(workdir, net_cfg, encoders, use_ema)
+        write_meta_json(os.path.join(workdir, "train_config.json"), C.to_dict(cfg))
+    null_text = getattr(data, "null_text", None)
+    null_text = None if null_text is None else tuple(jnp.asarray(x) for x in null_text)
+    step_fn = jit_train_step(model, tx, cfg, mesh, state_sh, tuple(getattr(data, "text_layout", ()) or ()),
+                             null_text)
+    lr_at = learning_rate(cfg.optim, cfg.max_steps)
+
+    def put(batch):
+        return {k: jax.make_array_from_process_local_data(batch_sh, np.asarray(batch[k]))
+                for k in ("latents", "context", "pooled")}
+
+    validate_fn = _validation(cfg, model, data, data_start, put, batch_sh)
+    grid_fn = _sampler(cfg, model, encoders, data) if cfg.log.sample_every else None
+    writer = MetricsWriter(workdir, resume_step, enabled=lead)
+    step = int(jax.device_get(state.step))
+    status = 0
+    with Preemption() as preempt:
+        t_last, s_last = time.perf_counter(), step
+        while step < cfg.max_steps:
+            batch = put(next(data))
+            state, metrics = step_fn(state, batch)
+            step += 1
+            if step % cfg.log.every == 0 or step == cfg.max_steps:
+                m = jax.device_get(metrics)
+                now = time.perf_counter()
+                rate = (step - s_last) / max(now - t_last, 1e-9)
+                t_last, s_last = now, step
+                scalars = dict(loss=m["loss"], grad_norm=m["grad_norm"], lr=float(lr_at(step - 1)),
+                               steps_per_sec=rate, images_per_sec=rate * global_batch)
+                writer.write(step, scalars)
+                if lead:
+                    print(f"step {step}/{cfg.max_steps}  loss {m['loss']:.5f}  grad_norm {m['grad_norm']:.4f}  "
+                          f"lr {scalars['lr']:.2e}  {rate:.2f} step/s  {rate * global_batch:.1f} img/s  "
+                          f"ETA {_eta((cfg.max_steps - step) / max(rate, 1e-9))}", file=out, flush=True)
+            if validate_fn is not None and step % cfg.log.val_every == 0:
+                writer.write(step, validate_fn(state))
+            if grid_fn is not None and step % cfg.log.sample_every == 0:
+                grid = grid_fn(state)
+                writer.image(step, "samples", grid)
+                if lead:
+                    _save_png(grid, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
+            meta_now = dict(data=data.get_state(), data_start=data_start, config=C.to_dict(cfg))
+            if preempt.requested and step < cfg.max_steps:
+                ckpt.save(state, meta_now, force=True)
+                print(f"preempted: saved step {step}; rerun the same command to resume", file=out,
+                      flush=True)
+                status = PREEMPTED_EXIT
+                break
+            ckpt.save(state, meta_now, force=step == cfg.max_steps)
+    ckpt.close()
+    writer.close()
+    stats = getattr(data, "stats", None)
+    if lead and stats is not None:
+        print(f"data: {stats()}", file=out, flush=True)
+    return status
+
+
+def _validation(cfg, model, data, start_state, put, batch_sh):
+    """state -> {"val_loss": ..., "val_loss_ema": ...} on fixed batches, sigmas and noise.
+
+    The batches are the first `val_batches` of the run's own stream (read through the iterator's state,
+    then rewound), so no second data pipeline (and no second copy of the encoders) is needed; the
+    fixed (t, noise) pairs make the number comparable from one evaluation to the next."""
+    if not cfg.log.val_every:
+        return None
+    here = data.get_state()
+    data.set_state(start_state)
+    fixed = []
+    key = jax.random.PRNGKey(cfg.seed + VAL_SEED_OFFSET)
+    for i in range(cfg.log.val_batches):
+        b = put(next(data))
+        n = b["latents"].shape[0]
+        # sigmas spread evenly over (0, 1): every noise level weighs in, the same ones every time
+        sigma = jax.device_put(jnp.asarray((np.arange(n) + 0.5) / n, jnp.float32), batch_sh)
+        eps = jax.device_put(jax.random.normal(jax.random.fold_in(key, i), b["latents"].shape, jnp.float32),
+                             batch_sh)
+        fixed.append((b, sigma, eps))
+    data.set_state(here)
+    eval_loss = jax.jit(make_eval_loss(model, cfg))
+
+    def run(state):
+        out = {"val_loss": float(np.mean([eval_loss(state.params, *f) for f in fixed]))}
+        if state.ema is not None:
+            out["val_loss_ema"] = float(np.mean([eval_loss(state.ema, *f) for f in fixed]))
+        return out
+
+    return run
+
+
+def _sampler(cfg, model, encoders, data):
+    from mmdit_jax.text import load_text_encoders
+    from mmdit_jax.training.samples import sample_latents, to_grid
+    from mmdit_jax.training.step import cast_floats
+    from mmdit_jax.training.timesteps import shift_factor
+    from mmdit_jax.vae import load_vae
+
+    enc = load_text_encoders(encoders)
+    vae = load_vae(encoders)
+    lg = cfg.log
+    ctx, pooled = enc(list(lg.sample_prompts), max_sequence_length=cfg.data.max_sequence_length)
+    null_ctx, null_pooled = enc([""], max_sequence_length=cfg.data.max_sequence_length)
+    side = lg.sample_resolution // 8
+    side -= side % 2
+    ch = getattr(model.config, "latent_channels", None) or model.config.in_channels
+    noise = jax.random.normal(jax.random.PRNGKey(cfg.seed), (len(lg.sample_prompts), side, side, ch))
+    has_g = bool(getattr(model.config, "guidance_embed", False))
+    shift = shift_factor(cfg.timesteps, (side, side))
+    compute = jnp.dtype(cfg.model.compute_dtype)
+
+    def apply_fn(p, x, s, c, pl, g):
+        return model.apply(cast_floats(p, compute), x.astype(compute), s, c.astype(compute), pl.astype(compute), g)
+
+    run = jax.jit(lambda p: sample_latents(apply_fn, p, noise, ctx, pooled, null_ctx, null_pooled,
+                                           steps=lg.sample_steps, guidance=lg.sample_guidance, shift=shift,
+                                           has_guidance=has_g))
+
+    def grid(state):
+        z = run(state.ema if state.ema is not None else state.params)
+        return to_grid(vae.decode(np.asarray(z)))
+
+    return grid
+
+
+def _save_png(grid, path):
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp.png"
+    Image.fromarray(grid).save(tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,37 @@
+"""The workdir as a pipeline folder: model_index.json, the base pipeline's scheduler / tokenizers / VAE /
+text encoders (symlinked), and transformer/{config.json, checkpoint.json}, the latter pointing at the
+newest checkpoint's EMA (or params), so `mmdit-sample --model=WORKDIR` and every loader read it.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from mmdit_jax.training.checkpoints import write_meta_json
+
+PIPELINE_CLASS = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+
+
+def prepare_workdir(workdir: str, network_config, encoders: str | None, use_ema: bool) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    cfg = network_config.to_diffusers()
+    base_index = os.path.join(encoders, "model_index.json") if encoders else None
+    if base_index and os.path.isfile(base_index):
+        with open(base_index) as f:
+            index = json.load(f)
+        for name in index:
+            src = os.path.join(encoders, name)
+            dst = os.path.join(workdir, name)
+            if name.startswith("_") or name == "transformer" or not os.path.isdir(src):
+                continue
+            if not os.path.lexists(dst):
+                os.symlink(os.path.abspath(src), dst)
+    else:
+        index = {"_class_name": PIPELINE_CLASS[network_config.family]}
+    index["transformer"] = ["diffusers", cfg["_class_name"]]
+    write_meta_json(os.path.join(workdir, "model_index.json"), index)
+    comp = os.path.join(workdir, "transformer")
+    os.makedirs(comp, exist_ok=True)
+    write_meta_json(os.path.join(comp, "config.json"), cfg)
+    write_meta_json(os.path.join(comp, "checkpoint.json"),
+                    {"directory": "../checkpoints", "item": "ema" if use_ema else "params"})
