@@ -19,8 +19,8 @@ GIB = 1024 ** 3
 
 
 def sizes(rank: int):
-    print(f"| preset | base params | targets | rank | adapter params | full finetune state (f32 "
-          f"params+grads+Adam) | LoRA state (bf16 base + f32 adapter, grads, Adam) |")
+    print("| preset | base params | targets | rank | adapter params | full finetune state (f32 "
+          "params+grads+Adam) | LoRA state (bf16 base + f32 adapter, grads, Adam) |")
     print("|---|---|---|---|---|---|---|")
     for name in ("sd3.5-medium", "sd3.5-large", "flux-dev"):
         cfg = mj.preset(name)

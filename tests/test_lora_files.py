@@ -5,7 +5,6 @@ us, and bad files refused."""
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
