@@ -166,7 +166,8 @@ def test_toy_pipeline_in_the_pytorch_references(tmp_path, variant):
                           model.params)
     write_transformer(p("transformer"), model.config, params=params)
     model = mj.load_transformer(folder)
-    ref = (SD3Transformer2DModel if variant == "sd3" else FluxTransformer2DModel).from_pretrained(p("transformer")).eval()
+    ref_cls = SD3Transformer2DModel if variant == "sd3" else FluxTransformer2DModel
+    ref = ref_cls.from_pretrained(p("transformer")).eval()
     lat = rng.standard_normal((3, 16, 12, 12)).astype(np.float32)
     sigma = np.array([1.0, 0.5, 0.2], np.float32)
     v = np.asarray(model(lat, sigma, ctx, pooled))
