@@ -30,16 +30,16 @@ def comparisons(quick: bool) -> list[tuple[str, list[str]]]:
     r = (lambda full, fast: str(fast if quick else full))
     return [
         ("peak", ["matmul_peak.py", "--reps", r(9, 3)]),
-        ("forward", ["transformer_forward.py", "--case", "sd3", "--reps", r(9, 3)]),
-        ("forward", ["transformer_forward.py", "--case", "flux", "--reps", r(9, 3)]),
-        ("train", ["train_step.py", "--case", "sd3", "--reps", r(7, 2)]),
-        ("train", ["train_step.py", "--case", "flux", "--reps", r(7, 2)]),
-        ("sampling", ["sampling_loop.py", "--case", "sd3", "--steps", r(8, 3), "--reps", r(3, 1)]),
-        ("sampling", ["sampling_loop.py", "--case", "flux", "--steps", r(8, 3), "--reps", r(3, 1)]),
-        ("vae", ["vae_decode.py", "--reps", r(7, 2)]),
-        ("text", ["text_encode.py", "--reps", r(9, 3)]),
-        ("compile", ["compile_time.py", "--preset", "sd3-medium", "--depths", "2,24", "--repeats", r(2, 1)]),
-        ("compile", ["compile_time.py", "--preset", "flux-dev", "--depths", "1,19", "--repeats", r(2, 1)]),
+        ("forward", ["transformer_forward.py", "--case", "sd3", "--reps", r(7, 3)]),
+        ("forward", ["transformer_forward.py", "--case", "flux", "--reps", r(7, 3)]),
+        ("train", ["train_step.py", "--case", "sd3", "--reps", r(5, 2)]),
+        ("train", ["train_step.py", "--case", "flux", "--reps", r(5, 2)]),
+        ("sampling", ["sampling_loop.py", "--case", "sd3", "--steps", r(8, 3), "--reps", r(2, 1)]),
+        ("sampling", ["sampling_loop.py", "--case", "flux", "--steps", r(8, 3), "--reps", r(2, 1)]),
+        ("vae", ["vae_decode.py", "--reps", r(5, 2)]),
+        ("text", ["text_encode.py", "--reps", r(7, 3)]),
+        ("compile", ["compile_time.py", "--preset", "sd3-medium", "--depths", "2,24", "--repeats", "1"]),
+        ("compile", ["compile_time.py", "--preset", "flux-dev", "--depths", "1,19", "--repeats", "1"]),
     ]
 
 
