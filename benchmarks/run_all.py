@@ -73,9 +73,9 @@ def _mib(v):
     return "n/a" if v is None else f"{v:,.0f}"
 
 
-def table(results: list[dict], peak: float | None) -> list[str]:
+def table(results: list[dict]) -> list[str]:
     rows = ["| comparison | config | ours | diffusers eager | speed-up | torch.compile | speed-up | "
-            "ours GFLOP/s | utilisation (of GFLOP/s) | max rel err | working set MiB ours / eager | load (1 min) |",
+            "ours GFLOP/s | utilisation (of GFLOP/s) | max rel err | memory MiB ours / eager | load (1 min) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r.get("what") in ("matmul_peak", "compile_time"):
@@ -89,11 +89,9 @@ def table(results: list[dict], peak: float | None) -> list[str]:
         comp_txt = _ms(comp) if comp else ("failed" if "torch_compile_error" in r else "not run")
         flops = r.get("flops", {}).get("total")
         rate = flops / ours if flops else None
-        # against the matmul rate timed alongside (same load) when there is one, else the standalone peak
         alongside = common.probe_peak(t)
-        util = f"{100 * rate / (alongside or peak):.0f}%" if rate and (alongside or peak) else ""
-        if rate and alongside:
-            util += f" (of {alongside / 1e9:.0f})"
+        # only against matmuls timed alongside: a peak taken at another moment's load can exceed 100%
+        util = f"{100 * rate / alongside:.0f}% (of {alongside / 1e9:.0f})" if rate and alongside else ""
         ws = r.get("memory_mib", {})
         what = {"forward": "transformer forward", "train": "train step (fwd+bwd+AdamW)",
                 "sampling": f"sampling loop, {r.get('steps')} steps", "vae_decode": "VAE decode",
@@ -121,9 +119,9 @@ def render(results: list[dict], command: str, started: str) -> str:
                 f"{peak_r['torch_flops'] / 1e9:.1f} GFLOP/s, XLA {peak_r['jax_flops'] / 1e9:.1f} GFLOP/s; "
                 f"higher: {peak / 1e9:.1f} GFLOP/s. Utilisation in the table is achieved FLOP/s over the higher of "
                 f"the two frameworks' {common.PROBE_N}x{common.PROBE_N} matmul rates timed in the same process, "
-                "interleaved with the calls it rates (shown in brackets), so both see the same load; rows "
-                "without that use the standalone peak.", ""]
-    out += table(results, peak)
+                "interleaved with the calls it rates (shown in brackets), so both see the same load; the "
+                "sampling rows carry no such probe and show no utilisation.", ""]
+    out += table(results)
     out += ["", "Times are medians of interleaved repetitions (ours, eager, compiled, ours, ...) after a warm-up "
             "call; the first call (tracing and compiling) is excluded and reported below. Speed-up = their "
             "time / ours. Memory: ours = XLA's planned temporaries of the compiled call (exact; parameters and inputs "

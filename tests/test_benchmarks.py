@@ -87,7 +87,7 @@ def test_render_reports_ratio_and_utilisation():
               "peak_jax": {"median_s": 2 * common.PROBE_N ** 3 / 100e9}}
     res = {"what": "forward", "case": "sd3", "timing": timing, "flops": {"total": 40e9}, "parity_rel_err": 1e-6,
            "loadavg_start": "1.0 1.0 1.0", "memory_mib": {"ours": 10.0, "diffusers": 20.0}}
-    rows = run_all.table([res], peak=None)
+    rows = run_all.table([res])
     # 2.0 / 0.5 = 4x; 40 GFLOP in 0.5 s = 80 GFLOP/s, 80% of the 100 GFLOP/s matmul timed alongside
     assert "**4.00x**" in rows[-1] and "| 80.0 |" in rows[-1] and "80% (of 100)" in rows[-1]
     assert np.isfinite(common.probe_peak(timing))
