@@ -135,6 +135,28 @@ def matmul_peak(sizes=(1024, 2048, 3072), reps: int = 5) -> dict:
             "by_size": {k: {str(n): f for n, f in v.items()} for k, v in out.items()}}
 
 
+PROBE_N = 2048
+
+
+def matmul_probes(n: int = PROBE_N) -> dict:
+    """One n x n float32 matmul per framework, to time alongside a comparison's calls: on a shared
+    machine the rate the matmuls get at the same moment is the fair denominator for utilisation."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    ta, ja, dot = torch.from_numpy(a), jnp.asarray(a), jax.jit(jnp.dot)
+    return {"peak_torch": lambda: torch.mm(ta, ta), "peak_jax": lambda: block(dot(ja, ja))}
+
+
+def probe_peak(timing: dict, n: int = PROBE_N) -> float | None:
+    """The higher matmul rate of the probes in `timing` (FLOP/s), if they were timed."""
+    rates = [2 * n ** 3 / timing[k]["median_s"] for k in ("peak_torch", "peak_jax") if k in timing]
+    return max(rates) if rates else None
+
+
 # ---- analytic FLOP counts (a multiply-add is 2 FLOPs) ----
 
 def _block(d: int, s: int) -> float:
@@ -185,7 +207,7 @@ def emit(result: dict) -> None:
     if "ours" in timing:
         ours = timing["ours"]["median_s"]
         line = ", ".join(f"{k} {v['median_s'] * 1e3:.1f} ms ({v['median_s'] / ours:.2f}x ours)"
-                         for k, v in timing.items() if k != "ours")
+                         for k, v in timing.items() if k != "ours" and not k.startswith("peak"))
         print(f"{result.get('what')} {result.get('case')}: ours {ours * 1e3:.1f} ms; {line}; "
               f"load {result.get('loadavg_start')} -> {result['loadavg_end']}", flush=True)
     print(RESULT_TAG + json.dumps(result), flush=True)

@@ -46,6 +46,7 @@ def main():
     ap.add_argument("--heads", type=int, default=4, help="heads (of 64 for SD3, 128 for FLUX)")
     ap.add_argument("--depths", default="2,8,24")
     ap.add_argument("--preset", default="sd3.5-medium", help="layout (qk-norm, dual layers) to copy")
+    ap.add_argument("--repeats", type=int, default=3, help="compiles per entry (the minimum is kept)")
     a = ap.parse_args()
     base = mj.preset(a.preset)
     flux = base.family == "flux"
@@ -62,11 +63,11 @@ def main():
             dual = tuple(i for i in base.dual_attention_layers if i < depth - 1)
             cfg = dataclasses.replace(base, num_layers=depth, num_heads=a.heads, dual_attention_layers=dual)
             stacks = len(cfg.groups())
-        f = compile_seconds(cfg, False)
-        g = compile_seconds(cfg, True)
+        f = compile_seconds(cfg, False, repeats=a.repeats)
+        g = compile_seconds(cfg, True, repeats=a.repeats)
         rows.append({"depth": depth, "stacks": stacks, "forward_s": f, "grad_s": g})
         print(f"| {depth} | {stacks} | {f:.2f} | {g:.2f} |", flush=True)
-    common.emit({"what": "compile_time", "case": a.preset, "heads": a.heads, "rows": rows})
+    common.emit({"what": "compile_time", "case": a.preset, "heads": a.heads, "repeats": a.repeats, "rows": rows})
 
 if __name__ == "__main__":
     main()

@@ -80,7 +80,6 @@ def main():
     res = {"case": f"sd3 3 encoders, 2 prompts, T5 {n}", "what": "text_encode", "parity_rel_err": err,
            "loadavg_start": load0, "ours_first_call_s": compile_s, "settings": common.settings()}
     res["timing"] = common.interleaved(fns, reps=a.reps, warmup=1, progress="text")
-    res["working_set_mib"] = {k: common.working_set_mib(fn) for k, fn in fns.items()}
     common.emit(res)
 
 

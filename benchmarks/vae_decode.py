@@ -56,7 +56,6 @@ def main():
     res = {"case": f"{chans} b{a.batch} 32x48", "what": "vae_decode", "parity_rel_err": err,
            "loadavg_start": load0, "ours_first_call_s": compile_s, "settings": common.settings()}
     res["timing"] = common.interleaved(fns, reps=a.reps, warmup=1, progress="vae decode")
-    res["working_set_mib"] = {k: common.working_set_mib(fn) for k, fn in fns.items()}
     common.emit(res)
 
 

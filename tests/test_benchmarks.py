@@ -1,0 +1,93 @@
+"""The benchmark harness's own arithmetic: analytic FLOP counts against the matmuls JAX actually traces,
+and RESULTS.md section replacement."""
+import dataclasses
+import math
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import common  # noqa: E402
+import run_all  # noqa: E402
+
+import mmdit_jax as mj  # noqa: E402
+from mmdit_jax.transformer import Transformer  # noqa: E402
+
+
+def dot_flops(jaxpr) -> float:
+    """2 * multiply-adds of every dot_general in a jaxpr, scan bodies counted `length` times."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lc, _), (lb, _) = eqn.params["dimension_numbers"]
+            a, b = (v.aval.shape for v in eqn.invars)
+            out = eqn.outvars[0].aval.shape
+            total += 2 * math.prod(out) * math.prod(a[i] for i in lc)
+        mult = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            total += mult * dot_flops(sub)
+    return total
+
+
+def traced_flops(cfg, batch, h, w, txt):
+    tm = Transformer(cfg, params=None)
+    params = Transformer.init(cfg, seed=0).params
+    s = jax.ShapeDtypeStruct
+    ch = getattr(cfg, "latent_channels", cfg.in_channels)
+    args = [s((batch, h, w, ch), jnp.float32), s((batch,), jnp.float32),
+            s((batch, txt, cfg.context_dim), jnp.float32), s((batch, cfg.pooled_dim), jnp.float32)]
+    if getattr(cfg, "guidance_embed", False):
+        args.append(s((batch,), jnp.float32))
+    return dot_flops(jax.make_jaxpr(tm.apply)(params, *args).jaxpr)
+
+
+@pytest.mark.parametrize("dual", [(), (0, 2)])
+def test_sd3_flops_match_traced_matmuls(dual):
+    # odd sizes: 3 heads of 16, 4 blocks (last one context pre-only), non-square 6x10 latent, 7 text tokens
+    cfg = dataclasses.replace(mj.preset("sd3.5-medium"), num_layers=4, num_heads=3, head_dim=16,
+                              context_dim=40, pooled_dim=24, pos_embed_max_size=8, dual_attention_layers=dual)
+    got = common.flops_sd3(cfg, 3, 3 * 5, 7)
+    assert got["total"] == pytest.approx(traced_flops(cfg, 3, 6, 10, 7), rel=1e-12)
+
+
+@pytest.mark.parametrize("guidance", [True, False])
+def test_flux_flops_match_traced_matmuls(guidance):
+    cfg = dataclasses.replace(mj.preset("flux-dev"), num_heads=2, head_dim=32, axes_dim=(8, 12, 12), depth=2,
+                              depth_single=3, context_dim=40, pooled_dim=24, guidance_embed=guidance)
+    got = common.flops_flux(cfg, 2, 3 * 5, 9)
+    assert got["total"] == pytest.approx(traced_flops(cfg, 2, 6, 10, 9), rel=1e-12)
+
+
+def test_block_formula_is_the_issue_formula():
+    # a FLUX single block (linear1 d -> 7d, linear2 5d -> d) costs the issue's 24*D^2*S + 4*D*S^2
+    cfg = dataclasses.replace(mj.preset("flux-schnell"), depth=0, depth_single=1)
+    d, s = cfg.hidden_size, 4096 + 512
+    assert common.flops_flux(cfg, 1, 4096, 512)["blocks"] == 24 * d * d * s + 4 * d * s * s
+
+
+def test_results_section_is_replaced_in_place(tmp_path):
+    path = str(tmp_path / "RESULTS.md")
+    with open(path, "w") as f:
+        f.write("# Benchmark results\n\n## Older section\n\nkept\n")
+    run_all.write_results(f"{run_all.BEGIN}\nfirst table\n{run_all.END}\n", path)
+    run_all.write_results(f"{run_all.BEGIN}\nsecond table\n{run_all.END}\n", path)
+    text = open(path).read()
+    assert text.startswith("# Benchmark results\n\n" + run_all.BEGIN)
+    assert "second table" in text and "first table" not in text and text.count(run_all.BEGIN) == 1
+    assert text.rstrip().endswith("## Older section\n\nkept")
+    assert not os.path.exists(path + ".partial")
+
+
+def test_render_reports_ratio_and_utilisation():
+    timing = {"ours": {"median_s": 0.5}, "diffusers": {"median_s": 2.0},
+              "peak_jax": {"median_s": 2 * common.PROBE_N ** 3 / 100e9}}
+    res = {"what": "forward", "case": "sd3", "timing": timing, "flops": {"total": 40e9}, "parity_rel_err": 1e-6,
+           "loadavg_start": "1.0 1.0 1.0", "memory_mib": {"ours": 10.0, "diffusers": 20.0}}
+    rows = run_all.table([res])
+    # 2.0 / 0.5 = 4x; 40 GFLOP in 0.5 s = 80 GFLOP/s, 80% of the 100 GFLOP/s matmul timed alongside
+    assert "**4.00x**" in rows[-1] and "| 80.0 |" in rows[-1] and "80% (of 100)" in rows[-1]
+    assert np.isfinite(common.probe_peak(timing))
