@@ -45,7 +45,10 @@ def test_presets_and_config_files(tmp_path):
     assert C.load_config("debug-bigger").batch_size == 16
     with pytest.raises(MMDiTError, match="model.preset"):  # finetune presets need model.pretrained
         C.validate(C.load_config("sd3-medium-finetune"))
-    C.validate(C.apply_overrides(C.load_config("flux-dev-finetune"), ["model.pretrained=/some/flux"]))
+    flux = C.apply_overrides(C.load_config("flux-dev-finetune"), ["model.pretrained=/some/flux"])
+    with pytest.raises(MMDiTError, match="data.path"):  # folder data needs its path
+        C.validate(flux)
+    C.validate(C.apply_overrides(flux, ["data.path=/some/images"]))
     f = tmp_path / "cfg.py"
     f.write_text("from mmdit_jax.training import config as C\n"
                  "def get_config():\n    return C.load_config('debug').replace(max_steps=7)\n")
