@@ -109,7 +109,8 @@ def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {text}"
 
 
-def _restore_pointer(folder: str, pointer: str, target):
+def _read_pointer(folder: str, pointer: str) -> tuple[dict, str]:
+    """A checkpoint.json's contents and the CheckpointManager directory it names."""
     with open(pointer) as f:
         try:
             spec = json.load(f)
@@ -120,6 +121,11 @@ def _restore_pointer(folder: str, pointer: str, target):
     directory = os.path.abspath(os.path.join(folder, spec["directory"]))
     if not os.path.isdir(directory):
         raise MMDiTError(f"{pointer}: checkpoint directory {directory} does not exist")
+    return spec, directory
+
+
+def _restore_pointer(folder: str, pointer: str, target):
+    spec, directory = _read_pointer(folder, pointer)
     mngr = ocp.CheckpointManager(directory)
     step = spec.get("step")
     step = mngr.latest_step() if step is None else int(step)
@@ -219,16 +225,7 @@ def params_path(folder: str) -> str:
     pointer = os.path.join(folder, POINTER_FILE)
     if not os.path.isfile(pointer):
         return os.path.abspath(os.path.join(folder, PARAMS_DIR))
-    with open(pointer) as f:
-        try:
-            spec = json.load(f)
-        except json.JSONDecodeError as e:
-            raise MMDiTError(f"{pointer}: not valid JSON ({e})") from None
-    if not isinstance(spec, dict) or "directory" not in spec or "item" not in spec:
-        raise MMDiTError(f"{pointer}: needs \"directory\" and \"item\"")
-    directory = os.path.abspath(os.path.join(folder, spec["directory"]))
-    if not os.path.isdir(directory):
-        raise MMDiTError(f"{pointer}: checkpoint directory {directory} does not exist")
+    spec, directory = _read_pointer(folder, pointer)
     mngr = ocp.CheckpointManager(directory)
     try:
         step = mngr.latest_step() if spec.get("step") is None else int(spec["step"])

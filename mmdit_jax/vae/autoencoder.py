@@ -23,6 +23,7 @@ from mmdit_jax.vae.config import VAEConfig
 from mmdit_jax.vae.model import AutoencoderKL
 from mmdit_jax.vae.pixel import CLASS_NAME as PIXEL_CLASS
 from mmdit_jax.vae.pixel import PixelSpaceConfig, PixelSpaceVAE
+from mmdit_jax.vae.shapes import check_nhwc
 from mmdit_jax.structure import Structure
 from mmdit_jax.transformer import parse_dtype
 
@@ -91,26 +92,19 @@ class VAE:
         return self._net.module(self.params if params is None else params)
 
     # jitted entry points ------------------------------------------------------------------------
-    def _check(self, x, channels, what, factor):
-        if x.ndim != 4 or x.shape[-1] != channels:
-            raise MMDiTError(f"{what} must be (B, H, W, {channels}) NHWC, got shape {tuple(x.shape)}")
-        if factor > 1 and (x.shape[1] % factor or x.shape[2] % factor):
-            raise MMDiTError(f"{what} height and width must be multiples of {factor}, got "
-                             f"{x.shape[1]}x{x.shape[2]}")
-
     def encode(self, images):
-        self._check(images, self.config.in_channels, "images", self.config.downsample_factor)
+        check_nhwc(images, self.config.in_channels, "images", self.config.downsample_factor)
         return self._encode(self.params, images)
 
     def decode(self, latents):
-        self._check(latents, self.config.latent_channels, "latents", 1)
+        check_nhwc(latents, self.config.latent_channels, "latents", 1)
         return self._decode(self.params, latents)
 
     def encode_tiled(self, images, tile_size: int = 512, overlap: float = 0.25):
         """Encode tile by tile (`tile_size` pixels, fraction `overlap` shared with the neighbours);
         images that fit in one tile are encoded whole, as diffusers does."""
         f = self.config.downsample_factor
-        self._check(images, self.config.in_channels, "images", f)
+        check_nhwc(images, self.config.in_channels, "images", f)
         self._check_tile(tile_size, overlap, f, True)
         h, w = images.shape[1:3]
         if h <= tile_size and w <= tile_size:
@@ -125,7 +119,7 @@ class VAE:
         """Decode tile by tile; `tile_size` is in output pixels (latent tiles are tile_size divided by
         the downsample factor, 8 for released VAEs)."""
         f = self.config.downsample_factor
-        self._check(latents, self.config.latent_channels, "latents", 1)
+        check_nhwc(latents, self.config.latent_channels, "latents", 1)
         self._check_tile(tile_size, overlap, f, False)
         lt = tile_size // f
         if latents.shape[1] <= lt and latents.shape[2] <= lt:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.vae.shapes import check_nhwc
 
 CLASS_NAME = "PixelSpaceVAE"
 
@@ -109,19 +110,12 @@ class PixelSpaceVAE:
         c = self.config
         return depth_to_space(latents.astype(jnp.float32) / c.scaling_factor + c.shift_factor, c.factor)
 
-    def _check(self, x, channels, what, factor):
-        if x.ndim != 4 or x.shape[-1] != channels:
-            raise MMDiTError(f"{what} must be (B, H, W, {channels}) NHWC, got shape {tuple(x.shape)}")
-        if factor > 1 and (x.shape[1] % factor or x.shape[2] % factor):
-            raise MMDiTError(f"{what} height and width must be multiples of {factor}, got "
-                             f"{x.shape[1]}x{x.shape[2]}")
-
     def encode(self, images):
-        self._check(images, self.config.in_channels, "images", self.config.factor)
+        check_nhwc(images, self.config.in_channels, "images", self.config.factor)
         return self._encode(self.params, images)
 
     def decode(self, latents):
-        self._check(latents, self.config.latent_channels, "latents", 1)
+        check_nhwc(latents, self.config.latent_channels, "latents", 1)
         return self._decode(self.params, latents)
 
     # pointwise per block of pixels: tiling changes nothing
