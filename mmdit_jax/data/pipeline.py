@@ -114,6 +114,11 @@ class TrainData:
     def __iter__(self):
         return self
 
+    @property
+    def encoders(self):
+        """The VAE and text encoders batches are encoded with (None for precomputed data)."""
+        return self._encoders
+
     def bucket_at(self, step: int) -> int:
         """The bucket of global batch `step`: a function of (seed, step) only, the same on every process."""
         if len(self._streams) == 1:

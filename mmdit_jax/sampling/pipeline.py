@@ -85,7 +85,9 @@ class Pipeline:
         if text.family != transformer.config.family:
             raise MMDiTError(f"{path}: text encoders are {text.family}'s but the transformer is "
                              f"{transformer.config.family}")
-        return cls(transformer, vae, text, scheduler, name=path)
+        pipe = cls(transformer, vae, text, scheduler, name=path)
+        pipe.defaults = _folder_defaults(path, pipe.defaults, pipe.vae_scale_factor)
+        return pipe
 
     # -- settings -----------------------------------------------------------------------------------
     def _size(self, height, width):
@@ -276,6 +278,27 @@ class Pipeline:
                         guidance_scale=gs, true_cfg_scale=true_cfg_scale,
                         max_sequence_length=max_sequence_length, sampler=sampler, slg=slg, progress=progress)
         return self._output(out, output_type)
+
+
+def _folder_defaults(path: str, defaults: Defaults, vae_factor: int) -> Defaults:
+    """`defaults` with what a toy pipeline folder's toy.json fixes (no diffusers config holds these):
+    the T5 length it was trained with (the context changes with it: T5 has no attention mask) and its
+    image side."""
+    import json
+
+    toy = os.path.join(path, "toy.json")
+    if not os.path.isfile(toy):
+        return defaults
+    try:
+        with open(toy) as f:
+            raw = json.load(f)
+        n, side = int(raw["max_sequence_length"]), int(raw["resolution"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise MMDiTError(f"{toy}: unreadable ({type(e).__name__}: {e})") from None
+    if n < 1 or side < 1 or side % vae_factor:
+        raise MMDiTError(f"{toy}: max_sequence_length {n} / resolution {side} not usable with VAE factor "
+                         f"{vae_factor}")
+    return dataclasses.replace(defaults, max_sequence_length=n, sample_size=side // vae_factor)
 
 
 def _image_array(image, height, width) -> np.ndarray:

@@ -101,6 +101,26 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class BaseConfig:
+    # a registered base maker (training.hooks; "toy", "toy-flux") writes the pipeline folder the run
+    # trains from into WORKDIR/base, once; it then stands in for model.pretrained and encoders
+    maker: str | None = None
+    options: dict | None = None  # maker-specific settings (toy: ToyConfig fields)
+    seed: int = 0  # the base's random initialisation
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    # after the last step (and on rerunning a finished run): sample through mj.Pipeline, score, write
+    # WORKDIR/eval/; "toy": held-out prompts scored by the toy checker
+    kind: str = "none"  # "none" | a kind registered in training.hooks
+    steps: int = 20
+    guidance: float = 3.0
+    seeds: tuple[int, ...] = (0, 1)
+    max_prompts: int = 0  # 0: every held-out prompt
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -111,6 +131,8 @@ class TrainConfig:
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
     mesh: MeshConfig = MeshConfig()
+    base: BaseConfig = BaseConfig()
+    eval: EvalConfig = EvalConfig()
     batch_size: int = 8  # per process, per optimizer step
     max_steps: int = 10000
     seed: int = 0
@@ -162,6 +184,27 @@ def _debug():
         batch_size=4, max_steps=20)
 
 
+def _toy(maker: str):
+    def make():
+        # the toy world from scratch on CPU (issue 9): benchmarks/RESULTS.md "Toy demo" has its scores
+        return TrainConfig(
+            base=BaseConfig(maker=maker, options=dict(clip_length=12)),
+            model=ModelConfig(compute_dtype="float32"),
+            data=DataConfig(kind="toy", resolution=32, max_sequence_length=12),
+            optim=OptimConfig(lr=2e-3, b2=0.99, weight_decay=0.0, schedule="cosine", warmup_steps=100,
+                              min_lr_ratio=0.1),
+            ema=EMAConfig(decay=0.999),
+            timesteps=TimestepConfig(sampler="logit_normal", shift="none"),
+            loss=LossConfig(encoder_dropout=0.0, caption_dropout=0.1),
+            checkpoint=CheckpointConfig(every=500, keep=2),
+            log=LogConfig(every=50, val_every=0),
+            eval=EvalConfig(kind="toy", steps=20, guidance=3.0, seeds=(0, 1)),
+            batch_size=32, max_steps=1500)
+    return make
+
+
+register_preset("toy", _toy("toy"))
+register_preset("toy-flux", _toy("toy-flux"))
 register_preset("sd3-medium-finetune", _sd3_finetune)
 register_preset("flux-dev-finetune", _flux_finetune)
 register_preset("debug", _debug)
@@ -275,9 +318,16 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise MMDiTError(f"--set={key}: {why} (got {_get(cfg, key)!r})")
 
     m = cfg.model
-    sources = [m.preset is not None, m.diffusers_config is not None, m.pretrained is not None]
+    sources = [m.preset is not None, m.diffusers_config is not None, m.pretrained is not None,
+               cfg.base.maker is not None]
     need(sum(sources) == 1, "model.preset", "set exactly one of model.preset, model.diffusers_config, "
-         "model.pretrained")
+         "model.pretrained, base.maker")
+    if cfg.base.maker is not None:
+        from mmdit_jax.training import hooks
+
+        need(cfg.base.maker in hooks.base_makers(), "base.maker",
+             f"not registered; known: {sorted(hooks.base_makers())}")
+        need(cfg.encoders is None, "encoders", "must be unset with base.maker (the base provides them)")
     if m.preset is not None:
         from mmdit_jax.families import preset
 
@@ -334,7 +384,16 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         from mmdit_jax.training.data import factories
 
         need(cfg.data_factory in factories(), "data_factory", f"not registered; known: {sorted(factories())}")
-    if lg.sample_every and cfg.encoders is None and m.pretrained is None:
+    ev = cfg.eval
+    if ev.kind != "none":
+        from mmdit_jax.training import hooks
+
+        need(ev.kind in hooks.evaluators(), "eval.kind", f"'none' or one of {sorted(hooks.evaluators())}")
+    need(ev.steps >= 1, "eval.steps", "must be >= 1")
+    need(ev.guidance >= 0, "eval.guidance", "must be >= 0")
+    need(len(ev.seeds) >= 1, "eval.seeds", "needs at least one seed")
+    need(ev.max_prompts >= 0, "eval.max_prompts", "must be >= 0 (0: all)")
+    if lg.sample_every and cfg.encoders is None and m.pretrained is None and cfg.base.maker is None:
         raise MMDiTError("--set=log.sample_every: sample grids need text encoders and a VAE: set encoders "
                          "(a pipeline folder) or model.pretrained")
     return cfg

@@ -15,6 +15,7 @@ from mmdit_jax.sharding import make_mesh
 from mmdit_jax.training import config as C
 from mmdit_jax.training.checkpoints import Checkpointer, Preemption, write_meta_json
 from mmdit_jax.training.data import make_data
+from mmdit_jax.training.hooks import prepare_base, run_evaluation
 from mmdit_jax.training.metrics import MetricsWriter
 from mmdit_jax.training.optim import learning_rate, make_optimizer
 from mmdit_jax.training.state import create_state
@@ -47,6 +48,7 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
     C.validate(cfg)
     workdir = os.path.abspath(workdir)
     lead = jax.process_index() == 0
+    cfg = prepare_base(cfg, workdir, out, write=lead)  # with base.maker: train from WORKDIR/base
     try:
         mesh = make_mesh({a: getattr(cfg.mesh, a) for a in ("data", "fsdp", "tensor", "sequence")})
     except ValueError as e:
@@ -104,6 +106,8 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
 
     validate_fn = _validation(cfg, model, data, data_start, put, batch_sh)
     grid_fn = _sampler(cfg, model, encoders, data) if cfg.log.sample_every else None
+    if resume_step is not None and resume_step >= cfg.max_steps:
+        print(f"already trained to step {resume_step}: evaluating only", file=out, flush=True)
     writer = MetricsWriter(workdir, resume_step, enabled=lead)
     step = int(jax.device_get(state.step))
     status = 0
@@ -145,6 +149,9 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
     stats = getattr(data, "stats", None)
     if lead and stats is not None:
         print(f"data: {stats()}", file=out, flush=True)
+    if status == 0 and lead:
+        # the workdir is a pipeline folder now: evaluate it the way a user samples it
+        run_evaluation(cfg, workdir, out)
     return status
 
 
@@ -187,14 +194,16 @@ def _sampler(cfg, model, encoders, data):
     from mmdit_jax.training.timesteps import shift_factor
     from mmdit_jax.vae import load_vae
 
-    enc = load_text_encoders(encoders)
-    vae = load_vae(encoders)
+    # the data's own encoders when it has them (no second copy in memory), else the folder's
+    own = getattr(data, "encoders", None)
+    enc = own.text if own is not None else load_text_encoders(encoders)
+    vae = own.vae if own is not None else load_vae(encoders)
     lg = cfg.log
     ctx, pooled = enc(list(lg.sample_prompts), max_sequence_length=cfg.data.max_sequence_length)
     null_ctx, null_pooled = enc([""], max_sequence_length=cfg.data.max_sequence_length)
-    side = lg.sample_resolution // 8
+    side = lg.sample_resolution // vae.config.downsample_factor
     side -= side % 2
-    ch = getattr(model.config, "latent_channels", None) or model.config.in_channels
+    ch = vae.config.latent_channels
     noise = jax.random.normal(jax.random.PRNGKey(cfg.seed), (len(lg.sample_prompts), side, side, ch))
     has_g = bool(getattr(model.config, "guidance_embed", False))
     shift = shift_factor(cfg.timesteps, (side, side))

@@ -1,5 +1,5 @@
 """The workdir as a pipeline folder: model_index.json, the base pipeline's scheduler / tokenizers / VAE /
-text encoders (symlinked), and transformer/{config.json, checkpoint.json}, the latter pointing at the
+text encoders (symlinked, with its toy.json if any), and transformer/{config.json, checkpoint.json}, the latter pointing at the
 newest checkpoint's EMA (or params), so `mmdit-sample --model=WORKDIR` and every loader read it.
 """
 from __future__ import annotations
@@ -9,6 +9,7 @@ import os
 
 from mmdit_jax.training.checkpoints import write_meta_json
 
+EXTRA_FILES = ("toy.json",)
 PIPELINE_CLASS = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
 
 
@@ -25,6 +26,11 @@ def prepare_workdir(workdir: str, network_config, encoders: str | None, use_ema:
             if name.startswith("_") or name == "transformer" or not os.path.isdir(src):
                 continue
             if not os.path.lexists(dst):
+                os.symlink(os.path.abspath(src), dst)
+        # what the base pipeline fixes beyond diffusers' configs (toy.json: T5 length, image side)
+        for name in EXTRA_FILES:
+            src, dst = os.path.join(encoders, name), os.path.join(workdir, name)
+            if os.path.isfile(src) and not os.path.lexists(dst):
                 os.symlink(os.path.abspath(src), dst)
     else:
         index = {"_class_name": PIPELINE_CLASS[network_config.family]}
