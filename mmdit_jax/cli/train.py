@@ -1,6 +1,7 @@
 """`mmdit-train --workdir=DIR [--config=PRESET_OR_FILE] [--set=section.field=value ...]`.
 
---config: a preset (see mmdit_jax.training.config.presets()) or a Python file defining get_config().
+--config: a preset (see mmdit_jax.training.config.presets(); `toy` / `toy-flux` train the toy world from
+scratch and score it) or a Python file defining get_config().
 --set: any config field by its dotted name, repeatable, e.g. --set=optim.lr=3e-5
 --set=timesteps.sampler=mode --set=log.sample_prompts="a cat|a dog". Dedicated flags below override
 the matching fields. Rerunning the same command resumes from the newest checkpoint in --workdir.
@@ -49,7 +50,11 @@ def build_config():
 
 
 def main(argv):
+    from absl import logging
+
     from mmdit_jax.errors import MMDiTError
+
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save and restore at INFO; our lines say enough
 
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; all settings are --flags")
