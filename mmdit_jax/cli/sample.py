@@ -78,6 +78,9 @@ def _command(s: dict) -> str:
 
 
 def main(argv):
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint restore at INFO
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
     for name in ("model", "prompt"):
