@@ -123,3 +123,16 @@ def test_unknown_toy_base_option_is_refused(tmp_path):
     with pytest.raises(MMDiTError, match=r"--set=base\.options: unknown toy settings \['layerz'\]"):
         hooks.prepare_base(cfg, str(tmp_path))
     assert not os.path.exists(tmp_path / "base")
+
+
+def test_toy_json_sets_pipeline_defaults_and_bad_ones_are_named(tmp_path):
+    from mmdit_jax.sampling.pipeline import Defaults, _folder_defaults
+
+    base = Defaults(28, 7.0, 256, 128)
+    assert _folder_defaults(str(tmp_path), base, 2) is base  # no toy.json: the family's defaults
+    (tmp_path / "toy.json").write_text(json.dumps({"max_sequence_length": 12, "resolution": 32}))
+    assert _folder_defaults(str(tmp_path), base, 2) == Defaults(28, 7.0, 12, 16)
+    for bad in ("{", json.dumps({"resolution": 32}), json.dumps({"max_sequence_length": 12, "resolution": 33})):
+        (tmp_path / "toy.json").write_text(bad)
+        with pytest.raises(MMDiTError, match="toy.json"):
+            _folder_defaults(str(tmp_path), base, 2)
