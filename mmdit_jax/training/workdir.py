@@ -1,6 +1,7 @@
 """The workdir as a pipeline folder: model_index.json, the base pipeline's scheduler / tokenizers / VAE /
-text encoders (symlinked, with its toy.json if any), and transformer/{config.json, checkpoint.json}, the latter pointing at the
-newest checkpoint's EMA (or params), so `mmdit-sample --model=WORKDIR` and every loader read it.
+text encoders (symlinked, with its toy.json if any), and transformer/{config.json, checkpoint.json}, the
+latter pointing at the newest checkpoint's EMA (or params), so `mmdit-sample --model=WORKDIR` and every
+loader read it.
 """
 from __future__ import annotations
 
