@@ -110,9 +110,9 @@ def jit_train_step(model, tx, cfg, mesh, state_sh, layout=(), null_text=None, mo
 
     step = make_train_step(model, tx, cfg, layout, null_text, mode)
     if frozen_sh is None:
-        return jax.jit(lambda state, batch, frozen=None: step(state, batch),
-                       in_shardings=(state_sh, batch_sharding(mesh)), out_shardings=(state_sh, replicated(mesh)),
-                       donate_argnums=0)
+        jitted = jax.jit(step, in_shardings=(state_sh, batch_sharding(mesh)),
+                         out_shardings=(state_sh, replicated(mesh)), donate_argnums=0)
+        return lambda state, batch, frozen=None: jitted(state, batch)  # nothing frozen in full mode
     return jax.jit(step, in_shardings=(state_sh, batch_sharding(mesh), frozen_sh),
                    out_shardings=(state_sh, replicated(mesh)), donate_argnums=0)
 
