@@ -64,3 +64,26 @@ def test_missing_lora_file_is_one_line(setup, tmp_path):
     _, folder, _ = setup
     _one_line_error(_run(f"--model={folder}", "--prompt=x", f"--lora={tmp_path / 'nope.safetensors'}:0.5",
                          f"--out={tmp_path}"), "no such file")
+
+
+def test_guidance_distilled_sd3_samples_with_guidance_and_no_cfg(setup):
+    """A student with a (zero-output) guidance embedder samples at any guidance exactly as its teacher
+    does without CFG; a trained embedder makes the guidance value matter."""
+    import dataclasses
+
+    from mmdit_jax.training.modes import with_guidance_embedder
+
+    _, folder, _ = setup
+    base = mj.Pipeline.from_pretrained(folder)
+    cfg = dataclasses.replace(base.transformer.config, guidance_embed=True)
+    params = with_guidance_embedder(cfg, base.transformer.params, 0)
+    student = mj.Pipeline(mj.Transformer(cfg, params), base.vae, base.text_encoders, base.scheduler)
+    kw = dict(height=20, width=12, num_inference_steps=2, max_sequence_length=8, output_type="latent", seed=1)
+    teacher_no_cfg = np.asarray(base("a red cat", guidance_scale=1.0, **kw))
+    np.testing.assert_array_equal(np.asarray(student("a red cat", guidance_scale=4.0, **kw)), teacher_no_cfg)
+    r = np.random.default_rng(0)
+    params["g_embedder"]["out_layer"]["kernel"] = r.standard_normal(
+        params["g_embedder"]["out_layer"]["kernel"].shape).astype(np.float32)
+    student = mj.Pipeline(mj.Transformer(cfg, params), base.vae, base.text_encoders, base.scheduler)
+    a, b = (np.asarray(student("a red cat", guidance_scale=g, **kw)) for g in (2.0, 4.0))
+    assert np.abs(a - b).max() > 1e-3
