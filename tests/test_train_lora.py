@@ -120,3 +120,6 @@ def test_bad_lora_settings_fail_with_their_key(base):
                       ("lora.base_dtype=int8", "lora.base_dtype"), ("model.pretrained=none", "model.preset")):
         with pytest.raises(MMDiTError, match=f"--set={key}"):
             validate(apply_overrides(cfg, [item]))
+    model = mj.load_transformer(folder)
+    with pytest.raises(MMDiTError, match="--set=lora.blocks: .*blocks \\[5\\]"):
+        TrainMode(apply_overrides(cfg, ["lora.blocks=0,5"]), model.config)

@@ -44,7 +44,11 @@ class TrainMode:
             self.lora_config = LoraConfig(targets=lc.targets, rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout,
                                           embedders=lc.embedders, blocks=lc.blocks, single_blocks=lc.single_blocks)
             # the adapters' static part (which kernels, columns, rows): fixed by the config, not the seed
-            template = jax.eval_shape(lambda: _lora(base_config, self.lora_config, 0))
+            try:
+                template = jax.eval_shape(lambda: _lora(base_config, self.lora_config, 0))
+            except MMDiTError as e:  # e.g. block indices this network does not have
+                key = "lora.single_blocks" if "single" in str(e) else "lora.blocks"
+                raise MMDiTError(f"--set={key}: {e}") from None
             self._items = [(k, name, template.parts[k][name]) for k in sorted(template.parts)
                            for name in sorted(template.parts[k])]
         elif self.kind == "distill":
