@@ -56,6 +56,7 @@ def run_config(teacher):
         data_factory="fake_fixed", log=LogConfig(every=1, val_every=STEPS // 2), batch_size=4, max_steps=STEPS)
 
 
+@pytest.mark.slow
 def test_distillation_loss_falls(run):
     """The distillation loss at fixed (sigma, noise, guidance) on the training batch, before and after."""
     teacher_path, work = run
@@ -81,6 +82,7 @@ def test_distillation_loss_falls(run):
     assert np.mean(end) < np.mean(start) / 3
 
 
+@pytest.mark.slow
 def test_student_without_cfg_approaches_teacher_with_cfg(run):
     teacher_path, work = run
     teacher, student = mj.load_transformer(teacher_path), mj.load_transformer(work)
@@ -90,14 +92,18 @@ def test_student_without_cfg_approaches_teacher_with_cfg(run):
     null_ctx, null_pooled = (jnp.asarray(x) for x in data.null_text)
     noise = jax.random.normal(jax.random.key(3), batch["latents"].shape)
     start = with_guidance_embedder(student.config, teacher.params, 0)  # the student before training
+    kw = dict(steps=4, shift=1.0)
+    # one compile each; the guidance scale is an argument
+    teacher_cfg = jax.jit(lambda g: sample_latents(teacher.apply, teacher.params, noise, batch["context"],
+                                                   batch["pooled"], null_ctx, null_pooled, guidance=g,
+                                                   has_guidance=False, **kw))
+    student_g = jax.jit(lambda p, g: sample_latents(student.apply, p, noise, batch["context"], batch["pooled"],
+                                                    null_ctx, null_pooled, guidance=g, has_guidance=True, **kw))
     errs = {}
     for g in (2.0, 4.5):
-        kw = dict(steps=4, guidance=g, shift=1.0)
-        ref = sample_latents(lambda p, *a: teacher.apply(p, *a), teacher.params, noise, batch["context"],
-                             batch["pooled"], null_ctx, null_pooled, has_guidance=False, **kw)
+        ref = teacher_cfg(g)
         for name, params in (("start", start), ("distilled", student.params)):
-            got = sample_latents(lambda p, *a: student.apply(p, *a), params, noise, batch["context"], batch["pooled"],
-                                 null_ctx, null_pooled, has_guidance=True, **kw)
+            got = student_g(params, g)
             errs[name, g] = float(jnp.sqrt(jnp.mean((got - ref) ** 2)) / jnp.sqrt(jnp.mean(ref ** 2)))
     print("relative RMS error of the student (guidance, no CFG) vs the teacher's CFG samples: " +
           ", ".join(f"{n} g={g}: {e:.4f}" for (n, g), e in errs.items()))

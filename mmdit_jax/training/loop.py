@@ -61,7 +61,9 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
 
     pretrained = teacher = None
     if cfg.model.pretrained is not None:
-        pretrained = load_transformer(cfg.model.pretrained, "float32")
+        # a LoRA base is never trained: read it in its frozen dtype straight into its shardings
+        lora_base = dict(dtype=cfg.lora.base_dtype, mesh=mesh) if cfg.lora.enabled else dict(dtype="float32")
+        pretrained = load_transformer(cfg.model.pretrained, **lora_base)
         net_cfg = pretrained.config
     else:
         net_cfg = network_config(cfg.model)
@@ -219,9 +221,10 @@ def _sampler(cfg, model, encoders, data, mode=None, frozen=None):
     def apply_fn(p, x, s, c, pl, g):
         return model.apply(cast_floats(p, compute), x.astype(compute), s, c.astype(compute), pl.astype(compute), g)
 
-    run = jax.jit(lambda t, f: sample_latents(apply_fn, mode.sampling_params(t, f), noise, ctx, pooled, null_ctx, null_pooled,
-                                           steps=lg.sample_steps, guidance=lg.sample_guidance, shift=shift,
-                                           has_guidance=has_g))
+    params_of = mode.sampling_params if mode is not None else (lambda t, f: t)  # LoRA: merged into the base
+    run = jax.jit(lambda t, f: sample_latents(apply_fn, params_of(t, f), noise, ctx, pooled, null_ctx, null_pooled,
+                                              steps=lg.sample_steps, guidance=lg.sample_guidance, shift=shift,
+                                              has_guidance=has_g))
 
     def grid(state):
         z = run(state.ema if state.ema is not None else state.params, frozen)
