@@ -174,6 +174,11 @@ class TrainMode:
         return path
 
 
+def full_mode(cfg, net_config) -> TrainMode:
+    """Full training of `net_config`'s network whatever cfg.lora / cfg.distill say (direct step users)."""
+    return TrainMode(cfg.replace(lora=type(cfg.lora)(), distill=type(cfg.distill)()), net_config)
+
+
 def _lora(config, lora_config, seed):
     from mmdit_jax.lora import init_lora
 

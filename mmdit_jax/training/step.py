@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from mmdit_jax.training import objective
-from mmdit_jax.training.modes import TrainMode, cast_floats  # noqa: F401 - cast_floats re-exported
+from mmdit_jax.training.modes import cast_floats, full_mode  # noqa: F401 - cast_floats re-exported
 from mmdit_jax.training.optim import ema_update
 from mmdit_jax.training.state import TrainState
 
@@ -24,8 +24,7 @@ def make_train_step(model, tx: optax.GradientTransformation, cfg, layout=(), nul
     training.modes.TrainMode (default: full training of `model`)."""
     compute = jnp.dtype(cfg.model.compute_dtype)
     remat = cfg.model.remat
-    mode = mode or TrainMode(cfg.replace(lora=cfg.lora.__class__(), distill=cfg.distill.__class__()),
-                             model.config)
+    mode = mode or full_mode(cfg, model.config)
     distill = mode.kind == "distill"
     has_guidance = bool(getattr(model.config, "guidance_embed", False))
     accum = cfg.optim.grad_accum
@@ -39,8 +38,8 @@ def make_train_step(model, tx: optax.GradientTransformation, cfg, layout=(), nul
 
     def micro_loss(params, frozen, mb, key):
         if distill:
-            nc, npl = null_text if null_text is not None else (jnp.zeros(mb["context"].shape[1:], jnp.float32),
-                                                     jnp.zeros(mb["pooled"].shape[1:], jnp.float32))
+            nc, npl = null_text if null_text is not None else (  # no empty caption: dropped text is zeros
+                jnp.zeros(mb["context"].shape[1:], jnp.float32), jnp.zeros(mb["pooled"].shape[1:], jnp.float32))
             return objective.distill_loss(apply_fn(frozen, key), params, mode, frozen, mb["latents"], mb["eps"],
                                           mb["sigma"], mb["context"], mb["pooled"], nc, npl, mb["guidance"],
                                           lc.weighting, compute=compute, teacher_guidance=lc.guidance)
@@ -123,8 +122,7 @@ def make_eval_loss(model, cfg, mode=None, frozen=None):
     frozen tree is an argument of the jitted function, never a constant baked into it."""
     compute = jnp.dtype(cfg.model.compute_dtype)
     has_guidance = bool(getattr(model.config, "guidance_embed", False))
-    mode = mode or TrainMode(cfg.replace(lora=cfg.lora.__class__(), distill=cfg.distill.__class__()),
-                             model.config)
+    mode = mode or full_mode(cfg, model.config)
 
     def apply_fn(frozen):
         def fn(params, x_t, sigma, context, pooled, guidance):
