@@ -95,9 +95,10 @@ class MLP(nnx.Module):
 class MLPEmbedder(nnx.Module):
     """Linear -> SiLU -> Linear (SD3's t/y embedders, FLUX's time/vector/guidance embedders)."""
 
-    def __init__(self, din: int, dim: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, din: int, dim: int, *, zero_out: bool = False, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.in_layer = Linear(din, dim, axes=("cond", "embed"), param_dtype=param_dtype, rngs=rngs)
-        self.out_layer = Linear(dim, dim, axes=("embed", "embed_out"), param_dtype=param_dtype, rngs=rngs)
+        self.out_layer = Linear(dim, dim, axes=("embed", "embed_out"), kernel_init=zeros if zero_out else xavier,
+                                param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x):
         return self.out_layer(jax.nn.silu(self.in_layer(x)))

@@ -37,6 +37,8 @@ flags.DEFINE_float("slg_start", 0.01, "skip-layer guidance start (fraction of st
 flags.DEFINE_float("slg_stop", 0.2, "skip-layer guidance stop (fraction of steps)")
 flags.DEFINE_string("img2img", None, "input image file: image-to-image from it")
 flags.DEFINE_float("strength", 0.6, "img2img strength in [0, 1]")
+flags.DEFINE_multi_string("lora", [], "LoRA file (diffusers/PEFT, kohya or ComfyUI keys), optionally :SCALE; "
+                          "repeatable: adapters are stacked and merged into the weights")
 flags.DEFINE_bool("progress", True, "print per-step progress to stderr")
 
 PROG = "mmdit-sample"
@@ -58,9 +60,12 @@ def _settings() -> dict:
     """The flags that determine the images, as recorded in each PNG."""
     names = ["model", "prompt", "negative_prompt", "height", "width", "steps", "guidance", "seed",
              "num_images", "dtype", "sampler", "schedule", "max_sequence_length", "true_cfg", "slg_layers",
-             "slg_scale", "slg_start", "slg_stop", "img2img", "strength"]
+             "slg_scale", "slg_start", "slg_stop", "img2img", "strength", "lora"]
     s = {n: FLAGS[n].value for n in names}
     s["model"] = os.path.abspath(s["model"])
+    s["lora"] = [_abs_lora(x) for x in s["lora"]]
+    if not s["lora"]:
+        s.pop("lora")
     if s["img2img"]:
         s["img2img"] = os.path.abspath(s["img2img"])
     else:
@@ -71,9 +76,40 @@ def _settings() -> dict:
     return s
 
 
+def _parse_lora(spec: str):
+    """FILE[:SCALE] -> (file, scale); a suffix that is not a number belongs to the file name."""
+    from mmdit_jax.errors import MMDiTError
+
+    path, scale = spec, 1.0
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            path, scale = head, float(tail)
+        except ValueError:
+            pass
+    if not os.path.isfile(path):
+        raise MMDiTError(f"--lora={spec}: no such file {path}")
+    return path, scale
+
+
+def _abs_lora(spec: str) -> str:
+    head, sep, tail = spec.rpartition(":")
+    try:
+        float(tail)
+        return os.path.abspath(head) + sep + tail if sep and head else os.path.abspath(spec)
+    except ValueError:
+        return os.path.abspath(spec)
+
+
 def _command(s: dict) -> str:
-    args = [PROG] + [f"--{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
-                     for k, v in s.items() if v is not None]
+    args = [PROG]
+    for k, v in s.items():
+        if v is None:
+            continue
+        if k == "lora":  # repeatable
+            args += [f"--lora={x}" for x in v]
+            continue
+        args.append(f"--{k}={','.join(map(str, v)) if isinstance(v, list) else v}")
     return " ".join(shlex.quote(a) for a in args)
 
 
@@ -103,7 +139,11 @@ def _sample():
 
     settings = _settings()
     print(f"loading {settings['model']}", flush=True)
+    loras = [_parse_lora(x) for x in FLAGS.lora]  # checked before the model loads
     pipe = mj.Pipeline.from_pretrained(FLAGS.model, dtype=FLAGS.dtype)
+    if loras:
+        pipe.fuse_lora([p for p, _ in loras], [s for _, s in loras])
+        print(f"merged {len(loras)} LoRA adapter(s): " + ", ".join(f"{p} x{s:g}" for p, s in loras), flush=True)
     try:
         slg = [int(i) for i in FLAGS.slg_layers]
     except ValueError:
@@ -132,7 +172,8 @@ def _sample():
                     guidance=pipe.defaults.guidance_scale if FLAGS.guidance is None else FLAGS.guidance)
     tag = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     for i, im in enumerate(images):
-        meta = {k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in settings.items()}
+        meta = {k: ((" " if k == "lora" else ",").join(map(str, v)) if isinstance(v, list) else v)
+                for k, v in settings.items()}
         meta.update(index=i, family=pipe.family, command=_command(settings), software="mmdit-jax")
         path = os.path.join(FLAGS.out, f"{tag}_seed{FLAGS.seed}_{i:02d}.png")
         save_png(im, path, meta)

@@ -89,6 +89,21 @@ class Pipeline:
         pipe.defaults = _folder_defaults(path, pipe.defaults, pipe.vae_scale_factor)
         return pipe
 
+    def fuse_lora(self, loras, scales=None) -> "Pipeline":
+        """Merges LoRA adapters into the transformer's weights (as diffusers' load_lora_weights +
+        fuse_lora): `loras` a LoRA file path or `mj.lora.LoRA`, or a list of them (stacked, each with
+        its scale in `scales`, default 1). Returns self."""
+        from mmdit_jax.lora import load_lora, merge
+
+        items = loras if isinstance(loras, (list, tuple)) else [loras]
+        items = [load_lora(x, self.transformer) if isinstance(x, (str, os.PathLike)) else x for x in items]
+        params = jax.jit(merge)(self.transformer.params, items, scales)
+        self.transformer.params = params
+        if self.mesh is not None:
+            params = jax.device_put(params, NamedSharding(self.mesh, P()))
+        self._tparams = params
+        return self
+
     # -- settings -----------------------------------------------------------------------------------
     def _size(self, height, width):
         d = self.defaults.sample_size * self.vae_scale_factor
@@ -143,13 +158,15 @@ class Pipeline:
 
     def _guidance_mode(self, guidance_scale, true_cfg_scale, neg, slg):
         """(cfg on?, cfg scale, embedded guidance or None, skip-layer guidance or None)."""
-        if self.family == "sd3":
+        if self.family == "sd3" and not self.has_guidance_embed:
             cfg_on = guidance_scale > 1.0
             if slg is not None and not cfg_on:
                 slg = None  # diffusers applies skip-layer guidance inside its CFG branch only
             return cfg_on, float(guidance_scale), None, slg
         if slg is not None:
-            raise MMDiTError("skip-layer guidance is for SD3-family models")
+            raise MMDiTError("skip-layer guidance is for SD3-family models sampled with CFG (this model "
+                             "has a guidance embedder)" if self.family == "sd3" else
+                             "skip-layer guidance is for SD3-family models")
         cfg_on = true_cfg_scale > 1.0 and neg is not None
         return cfg_on, float(true_cfg_scale), (float(guidance_scale) if self.has_guidance_embed else None), None
 

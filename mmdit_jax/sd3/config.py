@@ -23,6 +23,9 @@ class MMDiTConfig:
     qk_norm: bool = False
     dual_attention_layers: tuple[int, ...] = ()
     mlp_ratio: float = 4.0
+    # a guidance embedder (a guidance-distilled student, FLUX.1-dev style): not in diffusers' SD3 model;
+    # kept in config.json as "guidance_embeds" so our folders round-trip it
+    guidance_embed: bool = False
     family: str = "sd3"
 
     def __post_init__(self):
@@ -64,6 +67,7 @@ class MMDiTConfig:
             "pos_embed_max_size": self.pos_embed_max_size,
             "dual_attention_layers": list(self.dual_attention_layers),
             "qk_norm": "rms_norm" if self.qk_norm else None,
+            **({"guidance_embeds": True} if self.guidance_embed else {}),
         }
 
     @classmethod
@@ -85,6 +89,7 @@ class MMDiTConfig:
             pos_embed_max_size=int(cfg.get("pos_embed_max_size", 96)),
             sample_size=int(cfg.get("sample_size", 128)), qk_norm=qk == "rms_norm",
             dual_attention_layers=tuple(cfg.get("dual_attention_layers") or ()),
+            guidance_embed=bool(cfg.get("guidance_embeds", False)),
         )
 
     @classmethod
@@ -112,7 +117,9 @@ class MMDiTConfig:
         return cls(num_layers=n, num_heads=hidden // head_dim, head_dim=head_dim, patch_size=p,
                    in_channels=in_ch, out_channels=final[0] // (p * p), context_dim=ctx[1],
                    pooled_dim=pooled[1], pos_embed_max_size=side, qk_norm=qk_key in shapes,
-                   dual_attention_layers=dual, mlp_ratio=fc1[0] / hidden)
+                   dual_attention_layers=dual, mlp_ratio=fc1[0] / hidden,
+                   guidance_embed=("time_text_embed.guidance_embedder.linear_1.weight" if d else
+                                   "g_embedder.mlp.0.weight") in shapes)
 
 
 PRESETS = {

@@ -123,6 +123,8 @@ class MMDiT(nnx.Module):
         self.pos_embed = Buffer(table.astype(param_dtype))
         self.t_embedder = MLPEmbedder(256, d, **kw)
         self.y_embedder = MLPEmbedder(cfg.pooled_dim, d, **kw)
+        # zero output: a student built from a teacher's weights starts as the teacher, at any guidance
+        self.g_embedder = MLPEmbedder(256, d, zero_out=True, **kw) if cfg.guidance_embed else None
         self.context_embedder = Linear(cfg.context_dim, d, axes=("cond", "embed"), **kw)
         self.groups = nnx.List([
             Stack(lambda r, k=kind: JointBlock(cfg, *k, param_dtype=param_dtype, rngs=r), len(idx), rngs=rngs)
@@ -142,9 +144,12 @@ class MMDiT(nnx.Module):
                  skip_layers: tuple[int, ...] = ()):
         """`skip_layers`: indices of joint blocks to bypass (diffusers' skip-layer guidance)."""
         cfg = self.config
-        if guidance is not None:
+        if guidance is not None and not cfg.guidance_embed:
             raise MMDiTError("this SD3-family model has no guidance embedder; pass guidance=None "
                              "(use classifier-free guidance in the sampler instead)")
+        if guidance is None and cfg.guidance_embed:
+            raise MMDiTError("this SD3-family model has a guidance embedder (guidance-distilled): pass "
+                             "guidance=(B,) guidance scales")
         b, hh, ww, ch = latents.shape
         p = cfg.patch_size
         if hh % p or ww % p or ch != cfg.in_channels:
@@ -155,6 +160,9 @@ class MMDiT(nnx.Module):
         x = latents.astype(dtype).reshape(b, h, p, w, p, ch).transpose(0, 1, 3, 2, 4, 5)
         x = self.x_embedder(x.reshape(b, h * w, p * p * ch)) + self.cropped_pos_embed(h, w)[None]
         c = self.t_embedder(timestep_embedding(1000.0 * sigma)) + self.y_embedder(pooled.astype(dtype))
+        if self.g_embedder is not None:  # as FLUX feeds it: 1000 * g through the sinusoid
+            g = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (b,))
+            c = c + self.g_embedder(timestep_embedding(1000.0 * g))
         ctx = self.context_embedder(context.astype(dtype))
         bad = [i for i in skip_layers if not 0 <= i < cfg.num_layers]
         if bad:

@@ -64,13 +64,21 @@ TOP_RULES = [
 ]
 
 
+# a guidance-distilled student's embedder: diffusers' FLUX name in the diffusers layout, an SAI-style name
+GUIDANCE_RULES = [
+    *linear("g_embedder.in_layer", "time_text_embed.guidance_embedder.linear_1", "g_embedder.mlp.0"),
+    *linear("g_embedder.out_layer", "time_text_embed.guidance_embedder.linear_2", "g_embedder.mlp.2"),
+]
+
+
 def _path(s: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in s.split("."))
 
 
 def plan(cfg: MMDiTConfig) -> list[Entry]:
     """Every internal parameter of `MMDiT(cfg)` with its external keys."""
-    entries = [Entry(_path(r.path), r) for r in TOP_RULES]
+    rules = TOP_RULES + (GUIDANCE_RULES if cfg.guidance_embed else [])
+    entries = [Entry(_path(r.path), r) for r in rules]
     for g, ((dual, pre_only), idx) in enumerate(cfg.groups()):
         rules = block_rules(dual, pre_only) + (qk_norm_rules(dual) if cfg.qk_norm else [])
         prefixes = {"diffusers": tuple(f"transformer_blocks.{i}." for i in idx),

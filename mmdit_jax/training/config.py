@@ -118,6 +118,28 @@ class EvalConfig:
     guidance: float = 3.0
     seeds: tuple[int, ...] = (0, 1)
     max_prompts: int = 0  # 0: every held-out prompt
+class LoraTrainConfig:
+    # train low-rank adapters on a frozen base (model.pretrained); only the adapters are optimised
+    enabled: bool = False
+    rank: int = 16
+    alpha: float | None = None  # None: alpha = rank (scale 1)
+    dropout: float = 0.0
+    targets: str = "attn"  # "attn" | "attn_mlp" | "all" (mmdit_jax.lora.adapter.PRESETS)
+    embedders: bool = False
+    blocks: tuple[int, ...] | None = None  # joint / FLUX double block indices (None: all)
+    single_blocks: tuple[int, ...] | None = None  # FLUX single blocks (None: all)
+    base_dtype: str = "float32"  # the frozen base's dtype ("bfloat16" halves its memory)
+    format: str = "diffusers"  # WORKDIR/lora file layout: "diffusers" | "kohya" | "comfyui"
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    # guidance distillation: a student with a guidance embedder regresses the frozen teacher's CFG velocity
+    enabled: bool = False
+    teacher: str | None = None  # what mj.load_transformer reads; None: model.pretrained
+    guidance_min: float = 1.0
+    guidance_max: float = 7.0
+    teacher_dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +155,8 @@ class TrainConfig:
     mesh: MeshConfig = MeshConfig()
     base: BaseConfig = BaseConfig()
     eval: EvalConfig = EvalConfig()
+    lora: LoraTrainConfig = LoraTrainConfig()
+    distill: DistillConfig = DistillConfig()
     batch_size: int = 8  # per process, per optimizer step
     max_steps: int = 10000
     seed: int = 0
@@ -205,7 +229,38 @@ def _toy(maker: str):
 
 register_preset("toy", _toy("toy"))
 register_preset("toy-flux", _toy("toy-flux"))
+def _sd3_lora():
+    # --set=model.pretrained=PIPELINE_FOLDER; the result is WORKDIR/lora/pytorch_lora_weights.safetensors
+    return TrainConfig(
+        model=ModelConfig(remat="dots"), optim=OptimConfig(lr=1e-4, warmup_steps=100, weight_decay=1e-4),
+        ema=EMAConfig(decay=0.0), timesteps=TimestepConfig(sampler="logit_normal", shift="fixed", shift_value=3.0),
+        lora=LoraTrainConfig(enabled=True, rank=16, targets="attn", base_dtype="bfloat16"),
+        data=DataConfig(kind="folder", resolution=1024), batch_size=4, max_steps=2000)
+
+
+def _flux_lora():
+    return TrainConfig(
+        model=ModelConfig(remat="dots"), optim=OptimConfig(lr=1e-4, warmup_steps=100, weight_decay=1e-4),
+        ema=EMAConfig(decay=0.0), timesteps=TimestepConfig(sampler="logit_normal", shift="flux"),
+        loss=LossConfig(encoder_dropout=0.0, caption_dropout=0.0, guidance=1.0),
+        lora=LoraTrainConfig(enabled=True, rank=16, targets="attn", base_dtype="bfloat16"),
+        data=DataConfig(kind="folder", resolution=1024), batch_size=1, max_steps=2000)
+
+
+def _guidance_distill():
+    # --set=model.pretrained=TEACHER (e.g. an mmdit-convert folder); the student starts as the teacher
+    return TrainConfig(
+        model=ModelConfig(remat="dots"), optim=OptimConfig(lr=1e-5, warmup_steps=200),
+        timesteps=TimestepConfig(sampler="logit_normal", shift="fixed", shift_value=3.0),
+        loss=LossConfig(encoder_dropout=0.0),
+        distill=DistillConfig(enabled=True, guidance_min=1.0, guidance_max=7.0),
+        data=DataConfig(kind="folder", resolution=1024), batch_size=4, max_steps=5000)
+
+
 register_preset("sd3-medium-finetune", _sd3_finetune)
+register_preset("sd3-medium-lora", _sd3_lora)
+register_preset("flux-dev-lora", _flux_lora)
+register_preset("guidance-distill", _guidance_distill)
 register_preset("flux-dev-finetune", _flux_finetune)
 register_preset("debug", _debug)
 
@@ -393,6 +448,31 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(ev.guidance >= 0, "eval.guidance", "must be >= 0")
     need(len(ev.seeds) >= 1, "eval.seeds", "needs at least one seed")
     need(ev.max_prompts >= 0, "eval.max_prompts", "must be >= 0 (0: all)")
+    lr, ds = cfg.lora, cfg.distill
+    if lr.enabled:
+        from mmdit_jax.lora.adapter import PRESETS as LORA_TARGETS
+        from mmdit_jax.lora.formats import FORMATS as LORA_FORMATS
+
+        need(m.pretrained is not None, "model.pretrained", "LoRA training adapts a pretrained base: set it")
+        need(lr.rank >= 1, "lora.rank", "must be >= 1")
+        need(lr.alpha is None or lr.alpha > 0, "lora.alpha", "must be positive (or none: alpha = rank)")
+        need(0 <= lr.dropout < 1, "lora.dropout", "must be in [0, 1)")
+        need(lr.targets in LORA_TARGETS, "lora.targets", f"one of {sorted(LORA_TARGETS)}")
+        need(lr.base_dtype in COMPUTE_DTYPES, "lora.base_dtype", f"one of {COMPUTE_DTYPES}")
+        need(lr.format in LORA_FORMATS, "lora.format", f"one of {LORA_FORMATS}")
+        for k in ("blocks", "single_blocks"):
+            v = getattr(lr, k)
+            need(v is None or (len(v) > 0 and min(v) >= 0), f"lora.{k}", "block indices >= 0 (or none: all)")
+    if ds.enabled:
+        need(not lr.enabled, "distill.enabled", "guidance distillation trains the whole student; "
+             "it cannot be combined with lora.enabled")
+        need(ds.teacher is not None or m.pretrained is not None, "distill.teacher",
+             "set distill.teacher or model.pretrained (the student starts as the teacher)")
+        need(0 <= ds.guidance_min <= ds.guidance_max, "distill.guidance_max",
+             f"need 0 <= guidance_min ({ds.guidance_min}) <= guidance_max")
+        need(ds.teacher_dtype in COMPUTE_DTYPES, "distill.teacher_dtype", f"one of {COMPUTE_DTYPES}")
+        if ds.teacher is not None:
+            need(os.path.exists(ds.teacher), "distill.teacher", "no such file or folder")
     if lg.sample_every and cfg.encoders is None and m.pretrained is None and cfg.base.maker is None:
         raise MMDiTError("--set=log.sample_every: sample grids need text encoders and a VAE: set encoders "
                          "(a pipeline folder) or model.pretrained")

@@ -17,6 +17,7 @@ from mmdit_jax.training.checkpoints import Checkpointer, Preemption, write_meta_
 from mmdit_jax.training.data import make_data
 from mmdit_jax.training.hooks import prepare_base, run_evaluation
 from mmdit_jax.training.metrics import MetricsWriter
+from mmdit_jax.training.modes import TrainMode
 from mmdit_jax.training.optim import learning_rate, make_optimizer
 from mmdit_jax.training.state import create_state
 from mmdit_jax.training.step import batch_sharding, jit_train_step, make_eval_loss
@@ -60,14 +61,25 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
         raise MMDiTError(f"--set=batch_size: global batch {global_batch} does not split over the "
                          f"{shards} data-parallel devices (mesh data x fsdp)")
 
-    pretrained = None
+    pretrained = teacher = None
     if cfg.model.pretrained is not None:
-        pretrained = load_transformer(cfg.model.pretrained, "float32")
+        # a LoRA base is never trained: read it in its frozen dtype straight into its shardings
+        lora_base = dict(dtype=cfg.lora.base_dtype, mesh=mesh) if cfg.lora.enabled else dict(dtype="float32")
+        pretrained = load_transformer(cfg.model.pretrained, **lora_base)
         net_cfg = pretrained.config
     else:
         net_cfg = network_config(cfg.model)
+    if cfg.distill.enabled:
+        teacher = (pretrained if cfg.distill.teacher in (None, cfg.model.pretrained)
+                   else load_transformer(cfg.distill.teacher, "float32"))
+        if pretrained is None:
+            raise MMDiTError("--set=model.pretrained: guidance distillation starts the student from a "
+                             "pretrained network (the teacher's path)")
+    mode = TrainMode(cfg, net_cfg, teacher.config if teacher is not None else None)
+    net_cfg = mode.net_config  # the student's (with a guidance embedder) when distilling
     model = Transformer(net_cfg, None, "float32")
-    tx = make_optimizer(cfg.optim, cfg.max_steps, model.trainable_mask())
+    base = Transformer(mode.base_config, None, "float32")
+    tx = make_optimizer(cfg.optim, cfg.max_steps, mode.trainable_mask(model))
     use_ema = cfg.ema.decay > 0
     encoders = cfg.encoders or cfg.model.pretrained
 
@@ -76,14 +88,16 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
     resume_step = ckpt.latest_step()
     if resume_step is not None:
         # restore straight into the target shardings; no init weights are ever computed on resume
-        target, state_sh = create_state(model, tx, mesh, cfg.seed, use_ema, abstract_only=True)
+        target, state_sh = create_state(model, tx, mesh, cfg.seed, use_ema, abstract_only=True, mode=mode)
         state, meta = ckpt.restore(target, resume_step)
         print(f"resumed from step {resume_step} ({ckpt.directory})", file=out, flush=True)
     else:
-        state, state_sh = create_state(model, tx, mesh, cfg.seed, use_ema,
-                                       pretrained.params if pretrained is not None else None)
+        start = mode.initial_trained(pretrained.params, cfg.seed) if pretrained is not None else None
+        state, state_sh = create_state(model, tx, mesh, cfg.seed, use_ema, start, mode=mode)
         meta = None
-    del pretrained
+    frozen, frozen_sh = mode.frozen(pretrained.params if pretrained is not None else None,
+                                    teacher.params if teacher is not None else None, base, mesh)
+    del pretrained, teacher
 
     data = make_data(cfg, seed=cfg.seed, encoders_path=encoders, process_index=jax.process_index(),
                      process_count=jax.process_count())
@@ -92,20 +106,21 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
     if meta is not None:
         data.set_state(meta["data"])
     if lead:
-        prepare_workdir(workdir, net_cfg, encoders, use_ema)
+        prepare_workdir(workdir, net_cfg, encoders, use_ema,
+                        base_transformer=cfg.model.pretrained if mode.kind == "lora" else None)
         write_meta_json(os.path.join(workdir, "train_config.json"), C.to_dict(cfg))
     null_text = getattr(data, "null_text", None)
     null_text = None if null_text is None else tuple(jnp.asarray(x) for x in null_text)
     step_fn = jit_train_step(model, tx, cfg, mesh, state_sh, tuple(getattr(data, "text_layout", ()) or ()),
-                             null_text)
+                             null_text, mode, frozen_sh)
     lr_at = learning_rate(cfg.optim, cfg.max_steps)
 
     def put(batch):
         return {k: jax.make_array_from_process_local_data(batch_sh, np.asarray(batch[k]))
                 for k in ("latents", "context", "pooled")}
 
-    validate_fn = _validation(cfg, model, data, data_start, put, batch_sh)
-    grid_fn = _sampler(cfg, model, encoders, data) if cfg.log.sample_every else None
+    validate_fn = _validation(cfg, model, data, data_start, put, batch_sh, mode, frozen, null_text)
+    grid_fn = _sampler(cfg, model, encoders, data, mode, frozen) if cfg.log.sample_every else None
     if resume_step is not None and resume_step >= cfg.max_steps:
         print(f"already trained to step {resume_step}: evaluating only", file=out, flush=True)
     writer = MetricsWriter(workdir, resume_step, enabled=lead)
@@ -115,7 +130,7 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
         t_last, s_last = time.perf_counter(), step
         while step < cfg.max_steps:
             batch = put(next(data))
-            state, metrics = step_fn(state, batch)
+            state, metrics = step_fn(state, batch, frozen)
             step += 1
             if step % cfg.log.every == 0 or step == cfg.max_steps:
                 m = jax.device_get(metrics)
@@ -139,11 +154,14 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
             meta_now = dict(data=data.get_state(), data_start=data_start, config=C.to_dict(cfg))
             if preempt.requested and step < cfg.max_steps:
                 ckpt.save(state, meta_now, force=True)
+                if lead:
+                    mode.export(state, workdir, model)
                 print(f"preempted: saved step {step}; rerun the same command to resume", file=out,
                       flush=True)
                 status = PREEMPTED_EXIT
                 break
-            ckpt.save(state, meta_now, force=step == cfg.max_steps)
+            if ckpt.save(state, meta_now, force=step == cfg.max_steps) and lead:
+                mode.export(state, workdir, model)  # LoRA: WORKDIR/lora/pytorch_lora_weights.safetensors
     ckpt.close()
     writer.close()
     stats = getattr(data, "stats", None)
@@ -155,7 +173,7 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
     return status
 
 
-def _validation(cfg, model, data, start_state, put, batch_sh):
+def _validation(cfg, model, data, start_state, put, batch_sh, mode=None, frozen=None, null_text=None):
     """state -> {"val_loss": ..., "val_loss_ema": ...} on fixed batches, sigmas and noise.
 
     The batches are the first `val_batches` of the run's own stream (read through the iterator's state,
@@ -176,18 +194,18 @@ def _validation(cfg, model, data, start_state, put, batch_sh):
                              batch_sh)
         fixed.append((b, sigma, eps))
     data.set_state(here)
-    eval_loss = jax.jit(make_eval_loss(model, cfg))
+    eval_loss = make_eval_loss(model, cfg, mode, frozen)  # jitted inside, frozen tree as an argument
 
     def run(state):
-        out = {"val_loss": float(np.mean([eval_loss(state.params, *f) for f in fixed]))}
+        out = {"val_loss": float(np.mean([eval_loss(state.params, *f, null_text) for f in fixed]))}
         if state.ema is not None:
-            out["val_loss_ema"] = float(np.mean([eval_loss(state.ema, *f) for f in fixed]))
+            out["val_loss_ema"] = float(np.mean([eval_loss(state.ema, *f, null_text) for f in fixed]))
         return out
 
     return run
 
 
-def _sampler(cfg, model, encoders, data):
+def _sampler(cfg, model, encoders, data, mode=None, frozen=None):
     from mmdit_jax.text import load_text_encoders
     from mmdit_jax.training.samples import sample_latents, to_grid
     from mmdit_jax.training.step import cast_floats
@@ -212,12 +230,13 @@ def _sampler(cfg, model, encoders, data):
     def apply_fn(p, x, s, c, pl, g):
         return model.apply(cast_floats(p, compute), x.astype(compute), s, c.astype(compute), pl.astype(compute), g)
 
-    run = jax.jit(lambda p: sample_latents(apply_fn, p, noise, ctx, pooled, null_ctx, null_pooled,
-                                           steps=lg.sample_steps, guidance=lg.sample_guidance, shift=shift,
-                                           has_guidance=has_g))
+    params_of = mode.sampling_params if mode is not None else (lambda t, f: t)  # LoRA: merged into the base
+    run = jax.jit(lambda t, f: sample_latents(apply_fn, params_of(t, f), noise, ctx, pooled, null_ctx, null_pooled,
+                                              steps=lg.sample_steps, guidance=lg.sample_guidance, shift=shift,
+                                              has_guidance=has_g))
 
     def grid(state):
-        z = run(state.ema if state.ema is not None else state.params)
+        z = run(state.ema if state.ema is not None else state.params, frozen)
         return to_grid(vae.decode(np.asarray(z)))
 
     return grid

@@ -40,6 +40,19 @@ def flow_loss(apply_fn, params, x0, eps, sigma, context, pooled, guidance, weigh
     return jnp.mean(loss_weight(sigma, weighting) * per_sample)
 
 
+def distill_loss(student_fn, params, mode, frozen, x0, eps, sigma, context, pooled, null_context, null_pooled,
+                 guidance, weighting: str, *, compute, teacher_guidance: float = 1.0):
+    """Guidance distillation: the student at guidance g regresses the teacher's CFG velocity
+    v_u + g (v_c - v_u) at the same x_t (one student forward, no CFG batch for it), per-sample g."""
+    s = sigma.reshape((-1,) + (1,) * (x0.ndim - 1))
+    x_t = (1 - s) * x0 + s * eps
+    target = mode.teacher_cfg_velocity(frozen, x_t, sigma, context, pooled, null_context, null_pooled, guidance,
+                                       compute=compute, embedded_guidance=teacher_guidance)
+    pred = student_fn(params, x_t, sigma, context, pooled, guidance).astype(jnp.float32)
+    per_sample = jnp.mean((pred - target) ** 2, axis=tuple(range(1, x0.ndim)))
+    return jnp.mean(loss_weight(sigma, weighting) * per_sample)
+
+
 def drop_text(key, context, pooled, layout, null_context, null_pooled, encoder_p: float, caption_p: float):
     """Per-sample text dropout. Each encoder's segment (rows x channels of context, its slice of pooled)
     is zeroed with probability encoder_p, independently; then the whole caption is replaced by the

@@ -45,17 +45,19 @@ def state_from_params_fn(tx, seed: int, use_ema: bool):
     return make
 
 
-def create_state(model, tx, mesh, seed: int, use_ema: bool, params=None, *, abstract_only=False):
+def create_state(model, tx, mesh, seed: int, use_ema: bool, params=None, *, abstract_only=False, mode=None):
     """(state or its abstract twin, state shardings). `params`: pretrained weights to start from
-    (placed into the model's shardings); None: the references' initialisation with `seed`.
+    (placed into the model's shardings); None: the references' initialisation with `seed`. `mode`
+    (training.modes.TrainMode): what is trained (e.g. LoRA adapters: their init and shardings).
 
     abstract_only: return ShapeDtypeStructs carrying shardings (the restore target) and compute nothing."""
-    param_sh = model.param_shardings(mesh)
+    param_sh = mode.trained_shardings(model, mesh) if mode is not None else model.param_shardings(mesh)
     make = state_from_params_fn(tx, seed, use_ema)
     rep = replicated(mesh)
+    init = (mode.init_fn(seed) if mode is not None else None) or init_params_fn(model.config, seed)
 
     def from_init():
-        return make(init_params_fn(model.config, seed)())
+        return make(init())
 
     abstract = jax.eval_shape(from_init)
     # optimizer moments take their parameter's sharding; counters and the key are replicated

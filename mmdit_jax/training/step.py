@@ -1,4 +1,5 @@
-"""The pure training step: (state, batch) -> (state, metrics). jit it with shardings and donate the state.
+"""The pure training step: (state, batch, frozen) -> (state, metrics). jit it with shardings and donate the
+state. `frozen` is the mode's untrained tree (LoRA base, distillation teacher; None when training in full).
 
 Master weights, optimizer state and EMA are float32; the forward/backward runs on a copy of the weights
 cast to the compute dtype (the cast is inside the differentiated function, so gradients arrive in float32).
@@ -10,31 +11,41 @@ import jax.numpy as jnp
 import optax
 
 from mmdit_jax.training import objective
+from mmdit_jax.training.modes import cast_floats, full_mode  # noqa: F401 - cast_floats re-exported
 from mmdit_jax.training.optim import ema_update
 from mmdit_jax.training.state import TrainState
 
-
-def cast_floats(tree, dtype):
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+MODE_KEY = 0x10A  # the mode's randomness (LoRA dropout, distillation guidance) folds this into the step key
 
 
-def make_train_step(model, tx: optax.GradientTransformation, cfg, layout=(), null_text=None):
+def make_train_step(model, tx: optax.GradientTransformation, cfg, layout=(), null_text=None, mode=None):
     """`model`: a Transformer (its `apply` and config are used; its params are not). `layout`,
-    `null_text`: the data's text_layout and (context, pooled) of the empty caption."""
+    `null_text`: the data's text_layout and (context, pooled) of the empty caption. `mode`: a
+    training.modes.TrainMode (default: full training of `model`)."""
     compute = jnp.dtype(cfg.model.compute_dtype)
     remat = cfg.model.remat
+    mode = mode or full_mode(cfg, model.config)
+    distill = mode.kind == "distill"
     has_guidance = bool(getattr(model.config, "guidance_embed", False))
     accum = cfg.optim.grad_accum
     lc = cfg.loss
 
-    def apply_fn(params, x_t, sigma, context, pooled, guidance):
-        return model.apply(cast_floats(params, compute), x_t.astype(compute), sigma, context.astype(compute),
-                           pooled.astype(compute), guidance, remat=remat)
+    def apply_fn(frozen, key):
+        def fn(params, x_t, sigma, context, pooled, guidance):
+            return mode.velocity(model, params, frozen, x_t, sigma, context, pooled, guidance, compute=compute,
+                                 remat=remat, rng=key)
+        return fn
 
-    def micro_loss(params, mb):
+    def micro_loss(params, frozen, mb, key):
+        if distill:
+            nc, npl = null_text if null_text is not None else (  # no empty caption: dropped text is zeros
+                jnp.zeros(mb["context"].shape[1:], jnp.float32), jnp.zeros(mb["pooled"].shape[1:], jnp.float32))
+            return objective.distill_loss(apply_fn(frozen, key), params, mode, frozen, mb["latents"], mb["eps"],
+                                          mb["sigma"], mb["context"], mb["pooled"], nc, npl, mb["guidance"],
+                                          lc.weighting, compute=compute, teacher_guidance=lc.guidance)
         guidance = jnp.full(mb["sigma"].shape, lc.guidance, jnp.float32) if has_guidance else None
-        return objective.flow_loss(apply_fn, params, mb["latents"], mb["eps"], mb["sigma"], mb["context"],
-                                   mb["pooled"], guidance, lc.weighting)
+        return objective.flow_loss(apply_fn(frozen, key), params, mb["latents"], mb["eps"], mb["sigma"],
+                                   mb["context"], mb["pooled"], guidance, lc.weighting)
 
     def prepare(key, batch):
         """Text dropout and (sigma, eps) for the whole batch, before it is split into microbatches, so
@@ -48,25 +59,32 @@ def make_train_step(model, tx: optax.GradientTransformation, cfg, layout=(), nul
                                               lc.encoder_dropout,
                                               lc.caption_dropout if null_text is not None else 0.0)
         sigma, eps = objective.draw_noise(k_noise, x0, cfg.timesteps)
-        return dict(latents=x0, eps=eps, sigma=sigma, context=ctx, pooled=pooled)
+        out = dict(latents=x0, eps=eps, sigma=sigma, context=ctx, pooled=pooled)
+        if distill:  # one guidance scale per sample, uniform in [guidance_min, guidance_max]
+            d = cfg.distill
+            out["guidance"] = jax.random.uniform(jax.random.fold_in(key, MODE_KEY), sigma.shape, jnp.float32,
+                                                 d.guidance_min, d.guidance_max)
+        return out
 
-    def grads_of(params, full):
+    def grads_of(params, frozen, full, key):
         if accum == 1:
-            return jax.value_and_grad(micro_loss)(params, full)
+            return jax.value_and_grad(micro_loss)(params, frozen, full, key)
         micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), full)
 
-        def body(carry, mb):
-            loss, g = jax.value_and_grad(micro_loss)(params, mb)
+        def body(carry, xs):
+            mb, i = xs
+            loss, g = jax.value_and_grad(micro_loss)(params, frozen, mb, jax.random.fold_in(key, i))
             return (carry[0] + loss, jax.tree.map(jnp.add, carry[1], g)), None
 
         zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-        (loss, g), _ = jax.lax.scan(body, zero, micro)
+        (loss, g), _ = jax.lax.scan(body, zero, (micro, jnp.arange(accum)))
         return loss / accum, jax.tree.map(lambda x: x / accum, g)
 
-    def train_step(state: TrainState, batch):
+    def train_step(state: TrainState, batch, frozen=None):
         rng, key = jax.random.split(state.rng)
         full = prepare(key, batch)
-        loss, grads = grads_of(state.params, full)
+        # dropout keys for LoRA; folded in, so full mode's draws are what they always were
+        loss, grads = grads_of(state.params, frozen, full, jax.random.fold_in(key, MODE_KEY + 1))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = ema_update(state.ema, params, state.step, cfg.ema) if state.ema is not None else None
@@ -84,28 +102,52 @@ def batch_sharding(mesh):
     return NamedSharding(mesh, logical_to_spec(("batch",), mesh=mesh))
 
 
-def jit_train_step(model, tx, cfg, mesh, state_sh, layout=(), null_text=None):
+def jit_train_step(model, tx, cfg, mesh, state_sh, layout=(), null_text=None, mode=None, frozen_sh=None):
     """The step jitted for `mesh`: state in/out in its shardings (donated), batch split over the
-    data-parallel axes, metrics replicated."""
+    data-parallel axes, the frozen tree (if the mode has one) in `frozen_sh`, metrics replicated."""
     from mmdit_jax.training.state import replicated
 
-    return jax.jit(make_train_step(model, tx, cfg, layout, null_text),
-                   in_shardings=(state_sh, batch_sharding(mesh)), out_shardings=(state_sh, replicated(mesh)),
-                   donate_argnums=0)
+    step = make_train_step(model, tx, cfg, layout, null_text, mode)
+    if frozen_sh is None:
+        jitted = jax.jit(step, in_shardings=(state_sh, batch_sharding(mesh)),
+                         out_shardings=(state_sh, replicated(mesh)), donate_argnums=0)
+        return lambda state, batch, frozen=None: jitted(state, batch)  # nothing frozen in full mode
+    return jax.jit(step, in_shardings=(state_sh, batch_sharding(mesh), frozen_sh),
+                   out_shardings=(state_sh, replicated(mesh)), donate_argnums=0)
 
 
-def make_eval_loss(model, cfg):
-    """(params, batch, sigma, eps) -> unweighted flow loss at fixed (sigma, eps): the validation loss."""
+def make_eval_loss(model, cfg, mode=None, frozen=None):
+    """(params, batch, sigma, eps) -> unweighted loss at fixed (sigma, eps): the validation loss (the
+    flow loss; for distillation the distillation loss at guidance spread over [min, max]). Jitted; the
+    frozen tree is an argument of the jitted function, never a constant baked into it."""
     compute = jnp.dtype(cfg.model.compute_dtype)
     has_guidance = bool(getattr(model.config, "guidance_embed", False))
+    mode = mode or full_mode(cfg, model.config)
 
-    def apply_fn(params, x_t, sigma, context, pooled, guidance):
-        return model.apply(cast_floats(params, compute), x_t.astype(compute), sigma, context.astype(compute),
-                           pooled.astype(compute), guidance)
+    def apply_fn(frozen):
+        def fn(params, x_t, sigma, context, pooled, guidance):
+            return mode.velocity(model, params, frozen, x_t, sigma, context, pooled, guidance, compute=compute)
+        return fn
 
-    def eval_loss(params, batch, sigma, eps):
+    def eval_loss(params, frozen, batch, sigma, eps, null):
+        x0 = batch["latents"].astype(jnp.float32)
+        if mode.kind == "distill":
+            d = cfg.distill
+            g = d.guidance_min + (d.guidance_max - d.guidance_min) * (jnp.arange(sigma.shape[0]) + 0.5) / sigma.shape[0]
+            nc, npl = null
+            return objective.distill_loss(apply_fn(frozen), params, mode, frozen, x0, eps, sigma, batch["context"],
+                                          batch["pooled"], nc, npl, g.astype(jnp.float32), "none", compute=compute,
+                                          teacher_guidance=cfg.loss.guidance)
         guidance = jnp.full(sigma.shape, cfg.loss.guidance, jnp.float32) if has_guidance else None
-        return objective.flow_loss(apply_fn, params, batch["latents"].astype(jnp.float32), eps, sigma,
-                                   batch["context"], batch["pooled"], guidance, "none")
+        return objective.flow_loss(apply_fn(frozen), params, x0, eps, sigma, batch["context"], batch["pooled"],
+                                   guidance, "none")
 
-    return eval_loss
+    jitted = jax.jit(eval_loss)
+
+    def run(params, batch, sigma, eps, null=None):
+        if null is None:
+            null = (jnp.zeros(batch["context"].shape[1:], jnp.float32),
+                    jnp.zeros(batch["pooled"].shape[1:], jnp.float32))
+        return jitted(params, frozen, batch, sigma, eps, null)
+
+    return run

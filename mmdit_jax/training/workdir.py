@@ -14,7 +14,10 @@ EXTRA_FILES = ("toy.json",)
 PIPELINE_CLASS = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
 
 
-def prepare_workdir(workdir: str, network_config, encoders: str | None, use_ema: bool) -> None:
+def prepare_workdir(workdir: str, network_config, encoders: str | None, use_ema: bool,
+                    base_transformer: str | None = None) -> None:
+    """base_transformer (LoRA runs): the frozen base's path; WORKDIR/transformer then links to its
+    transformer (the adapters are in WORKDIR/lora/), so the workdir samples as the base does."""
     os.makedirs(workdir, exist_ok=True)
     cfg = network_config.to_diffusers()
     base_index = os.path.join(encoders, "model_index.json") if encoders else None
@@ -38,6 +41,12 @@ def prepare_workdir(workdir: str, network_config, encoders: str | None, use_ema:
     index["transformer"] = ["diffusers", cfg["_class_name"]]
     write_meta_json(os.path.join(workdir, "model_index.json"), index)
     comp = os.path.join(workdir, "transformer")
+    if base_transformer is not None:
+        src = os.path.join(base_transformer, "transformer")
+        src = src if os.path.isdir(src) else base_transformer
+        if os.path.isdir(src) and not os.path.lexists(comp):
+            os.symlink(os.path.abspath(src), comp)
+        return
     os.makedirs(comp, exist_ok=True)
     write_meta_json(os.path.join(comp, "config.json"), cfg)
     write_meta_json(os.path.join(comp, "checkpoint.json"),
