@@ -118,6 +118,9 @@ class EvalConfig:
     guidance: float = 3.0
     seeds: tuple[int, ...] = (0, 1)
     max_prompts: int = 0  # 0: every held-out prompt
+
+
+@dataclasses.dataclass(frozen=True)
 class LoraTrainConfig:
     # train low-rank adapters on a frozen base (model.pretrained); only the adapters are optimised
     enabled: bool = False
@@ -229,6 +232,8 @@ def _toy(maker: str):
 
 register_preset("toy", _toy("toy"))
 register_preset("toy-flux", _toy("toy-flux"))
+
+
 def _sd3_lora():
     # --set=model.pretrained=PIPELINE_FOLDER; the result is WORKDIR/lora/pytorch_lora_weights.safetensors
     return TrainConfig(
