@@ -89,7 +89,15 @@ def jit_train_step(model, tx, cfg, mesh, state_sh, layout=(), null_text=None):
     data-parallel axes, metrics replicated."""
     from mmdit_jax.training.state import replicated
 
-    return jax.jit(make_train_step(model, tx, cfg, layout, null_text),
+    step = make_train_step(model, tx, cfg, layout, null_text)
+
+    def on_mesh(state, batch):
+        # the ambient mesh lets the blocks constrain tokens to "sequence" and attention go context
+        # parallel (mmdit_jax.attention); without a sequence axis it changes nothing
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return step(state, batch)
+
+    return jax.jit(on_mesh,
                    in_shardings=(state_sh, batch_sharding(mesh)), out_shardings=(state_sh, replicated(mesh)),
                    donate_argnums=0)
 
