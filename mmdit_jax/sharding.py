@@ -54,7 +54,19 @@ def variable_sharding(v: nnx.Variable, mesh, rules=LOGICAL_RULES) -> NamedShardi
     completed by `fsdp_fill`."""
     shape = v.get_value().shape
     names = v.get_metadata().get("out_sharding") or (None,) * len(shape)
-    return NamedSharding(mesh, fsdp_fill(logical_to_spec(names, rules, mesh), names, shape, mesh))
+    spec = dividing(logical_to_spec(names, rules, mesh), shape, mesh)
+    return NamedSharding(mesh, fsdp_fill(spec, names, shape, mesh))
+
+
+def dividing(spec: P, shape, mesh) -> P:
+    """`spec` without the mesh axes that do not divide their dimension (that dimension is replicated
+    instead): any model loads on any mesh, e.g. 24 heads' widths on a tensor axis of 16."""
+    parts = []
+    for p, size in zip(tuple(spec) + (None,) * (len(shape) - len(spec)), shape):
+        axes = () if p is None else (p,) if isinstance(p, str) else tuple(p)
+        n = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+        parts.append(p if size % n == 0 else None)
+    return P(*parts)
 
 
 def fsdp_fill(spec: P, names, shape, mesh) -> P:
@@ -82,11 +94,7 @@ def constrain(x, names, rules=LOGICAL_RULES):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.shape.get("sequence", 1) == 1:
         return x
-    parts = []
-    for p, size in zip(logical_to_spec(names, rules, mesh), x.shape):
-        axes = () if p is None else (p,) if isinstance(p, str) else tuple(p)
-        parts.append(p if axes and size % int(np.prod([mesh.shape[a] for a in axes])) == 0 else None)
-    return jax.lax.with_sharding_constraint(x, P(*parts))
+    return jax.lax.with_sharding_constraint(x, dividing(logical_to_spec(names, rules, mesh), x.shape, mesh))
 
 
 def make_mesh(shape: dict[str, int], devices=None):

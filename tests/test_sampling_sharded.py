@@ -1,5 +1,6 @@
-"""Data-parallel sampling: on 8 (virtual CPU) devices the batch is split over all of them and the images
-equal the single-device ones."""
+"""Sampling on 8 (virtual CPU) devices: data parallel (the batch split over all of them), and with
+`mesh=` (fsdp 4, tensor 2) and (data 2, sequence 2, tensor 2): parameters sharded by the rules, attention
+context parallel; the images equal the single-device ones."""
 import os
 import subprocess
 import sys
@@ -15,6 +16,8 @@ SCRIPT = textwrap.dedent("""
     import sys
     import jax, numpy as np
     import mmdit_jax as mj
+    from jax.sharding import PartitionSpec as P
+    from mmdit_jax.sharding import MESH_AXES
     folder, ref_path = sys.argv[1], sys.argv[2]
     assert len(jax.local_devices()) == 8
     pipe = mj.Pipeline.from_pretrained(folder)
@@ -25,6 +28,15 @@ SCRIPT = textwrap.dedent("""
     ref = np.load(ref_path)
     err = float(np.abs(out - ref).max())
     assert err < 1e-5, err
+    for mesh in ({"fsdp": 4, "tensor": 2}, {"data": 2, "sequence": 2, "tensor": 2}):
+        pipe = mj.Pipeline.from_pretrained(folder, mesh=mesh)
+        w = pipe._tparams["single_blocks"]["blocks"]["linear1"]["kernel"]
+        want = P(None, "fsdp", "tensor") if "fsdp" in mesh else P(None, None, "tensor")
+        assert w.sharding.spec == want and dict(w.sharding.mesh.shape) == {**dict.fromkeys(MESH_AXES, 1), **mesh}
+        out = pipe(["a red cat", "big sky"], height=16, width=12, num_inference_steps=3, guidance_scale=3.0,
+                   seed=3, num_images_per_prompt=4, max_sequence_length=6, output_type="np")
+        err = float(np.abs(out - ref).max())
+        assert err < 1e-5, (mesh, err)
     print("OK", err)
 """)
 

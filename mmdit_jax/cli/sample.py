@@ -38,6 +38,11 @@ flags.DEFINE_float("slg_stop", 0.2, "skip-layer guidance stop (fraction of steps
 flags.DEFINE_string("img2img", None, "input image file: image-to-image from it")
 flags.DEFINE_float("strength", 0.6, "img2img strength in [0, 1]")
 flags.DEFINE_bool("progress", True, "print per-step progress to stderr")
+for _axis, _what in (("data", "data parallel (batch split)"), ("fsdp", "FSDP (parameters and batch split)"),
+                     ("tensor", "tensor parallel (heads / MLP split)"),
+                     ("sequence", "sequence parallel (tokens split)")):
+    flags.DEFINE_integer(f"mesh_{_axis}", None, f"mesh axis size for {_what}; -1 fills. Any --mesh_* flag "
+                         "places the transformer by the sharding rules over all devices")
 
 PROG = "mmdit-sample"
 
@@ -100,7 +105,9 @@ def _sample():
 
     settings = _settings()
     print(f"loading {settings['model']}", flush=True)
-    pipe = mj.Pipeline.from_pretrained(FLAGS.model, dtype=FLAGS.dtype)
+    mesh = {a: getattr(FLAGS, f"mesh_{a}") for a in ("data", "fsdp", "tensor", "sequence")
+            if getattr(FLAGS, f"mesh_{a}") is not None}
+    pipe = mj.Pipeline.from_pretrained(FLAGS.model, dtype=FLAGS.dtype, mesh=mesh or None)
     try:
         slg = [int(i) for i in FLAGS.slg_layers]
     except ValueError:

@@ -3,10 +3,14 @@ StableDiffusion3Pipeline / FluxPipeline (and their Img2Img variants) for the sam
 
 Host work is small (tokenizing, a schedule of N + 1 numbers); three jitted programs do the rest: text
 encoding, the whole denoising loop (denoise.py) and VAE decoding. With several local devices the batch
-is split over them (data parallel; parameters replicated).
+is split over them (data parallel; parameters replicated). With `mesh` (a mesh over MESH_AXES or a dict
+of axis sizes) the transformer's parameters are placed by the logical-axis rules (FSDP / tensor
+parallel, for models too large for one device), the batch is split over "data" x "fsdp", and a
+"sequence" axis makes attention context parallel.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 
@@ -37,7 +41,8 @@ class Defaults:
 
 
 class Pipeline:
-    def __init__(self, transformer, vae, text_encoders, scheduler: schedules.SchedulerConfig, name: str = ""):
+    def __init__(self, transformer, vae, text_encoders, scheduler: schedules.SchedulerConfig, name: str = "",
+                 mesh=None):
         self.transformer, self.vae, self.text_encoders, self.scheduler = transformer, vae, text_encoders, scheduler
         self.name = name
         cfg = transformer.config
@@ -55,12 +60,17 @@ class Pipeline:
             self.defaults = Defaults(28, 3.5, 512, FLUX_DEFAULT_SAMPLE_SIZE)
         self.has_guidance_embed = bool(getattr(cfg, "guidance_embed", False))
         self.progress = Progress()
-        devices = jax.local_devices()
-        self.mesh = Mesh(np.array(devices), ("data",)) if len(devices) > 1 else None
         tparams, vparams = transformer.params, vae.params
-        if self.mesh is not None:
-            replicated = NamedSharding(self.mesh, P())
-            tparams, vparams = jax.device_put((tparams, vparams), replicated)
+        if mesh is not None:
+            self.mesh = as_mesh(mesh)
+            tparams = jax.device_put(tparams, transformer.param_shardings(self.mesh))
+            vparams = jax.device_put(vparams, NamedSharding(self.mesh, P()))
+        else:
+            devices = jax.local_devices()
+            self.mesh = Mesh(np.array(devices), ("data",)) if len(devices) > 1 else None
+            if self.mesh is not None:
+                replicated = NamedSharding(self.mesh, P())
+                tparams, vparams = jax.device_put((tparams, vparams), replicated)
         self._tparams, self._vparams = tparams, vparams
         apply = transformer.apply
         self._denoise = make_denoise(lambda p, x, s, c, y, g, skip: apply(p, x, s, c, y, g, skip_layers=skip),
@@ -69,8 +79,9 @@ class Pipeline:
         self._decode = jax.jit(lambda p, z: jnp.clip(decode(p, z) / 2 + 0.5, 0.0, 1.0))
 
     @classmethod
-    def from_pretrained(cls, path, dtype="float32") -> "Pipeline":
-        """Transformer, VAE, text encoders and scheduler config of a model folder."""
+    def from_pretrained(cls, path, dtype="float32", mesh=None) -> "Pipeline":
+        """Transformer, VAE, text encoders and scheduler config of a model folder. `mesh`: see the module
+        docstring; the transformer's parameters are then read straight into their shards."""
         from mmdit_jax.text import load_text_encoders
         from mmdit_jax.transformer import load_transformer
         from mmdit_jax.vae import load_vae
@@ -79,13 +90,14 @@ class Pipeline:
         if not os.path.exists(path):
             raise MMDiTError(f"{path}: no such model folder")
         scheduler = schedules.read_scheduler_config(path)
-        transformer = load_transformer(path, dtype)
+        mesh = None if mesh is None else as_mesh(mesh)
+        transformer = load_transformer(path, dtype, mesh=mesh)
         vae = load_vae(path, dtype)
         text = load_text_encoders(path, dtype)
         if text.family != transformer.config.family:
             raise MMDiTError(f"{path}: text encoders are {text.family}'s but the transformer is "
                              f"{transformer.config.family}")
-        return cls(transformer, vae, text, scheduler, name=path)
+        return cls(transformer, vae, text, scheduler, name=path, mesh=mesh)
 
     # -- settings -----------------------------------------------------------------------------------
     def _size(self, height, width):
@@ -154,10 +166,11 @@ class Pipeline:
     def _shard(self, tree):
         if self.mesh is None:
             return tree
-        n = self.mesh.size
+        axes = tuple(a for a in ("data", "fsdp") if self.mesh.shape.get(a, 1) > 1)
+        n = int(np.prod([self.mesh.shape[a] for a in axes]))
 
         def put(a):
-            spec = P("data") if a.ndim and a.shape[0] % n == 0 else P()
+            spec = P(axes) if axes and a.ndim and a.shape[0] % n == 0 else P()
             return jax.device_put(a, NamedSharding(self.mesh, spec))
 
         return jax.tree.map(put, tree)
@@ -191,8 +204,10 @@ class Pipeline:
         args = self._shard((x0, cond, uncond, guidance))
         if progress:
             self.progress.start(n, "sampling")
-        return self._denoise(self._tparams, *args, steps, scales, solver=sampler, cfg=cfg_on,
-                             slg_layers=slg.layers if slg else (), show_progress=bool(progress))
+        # the ambient mesh turns on context-parallel attention when it has a "sequence" axis
+        with jax.set_mesh(self.mesh) if self.mesh is not None and "sequence" in self.mesh.shape else contextlib.nullcontext():
+            return self._denoise(self._tparams, *args, steps, scales, solver=sampler, cfg=cfg_on,
+                                 slg_layers=slg.layers if slg else (), show_progress=bool(progress))
 
     def _noise(self, seed, shape):
         """Image j of a batch starts from normal(fold_in(key(seed), j)): one image's noise does not
@@ -276,6 +291,18 @@ class Pipeline:
                         guidance_scale=gs, true_cfg_scale=true_cfg_scale,
                         max_sequence_length=max_sequence_length, sampler=sampler, slg=slg, progress=progress)
         return self._output(out, output_type)
+
+
+def as_mesh(mesh):
+    """A jax Mesh as given, or one made from a dict of axis sizes (mmdit_jax.sharding.make_mesh)."""
+    if isinstance(mesh, Mesh):
+        return mesh
+    from mmdit_jax.sharding import make_mesh
+
+    try:
+        return make_mesh(dict(mesh))
+    except (TypeError, ValueError) as e:
+        raise MMDiTError(f"mesh {mesh!r}: {e}") from None
 
 
 def _image_array(image, height, width) -> np.ndarray:
