@@ -61,7 +61,8 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
 
     pretrained = None
     if cfg.model.pretrained is not None:
-        pretrained = load_transformer(cfg.model.pretrained, "float32")
+        # read straight into the shards (a large model never sits whole on one host)
+        pretrained = load_transformer(cfg.model.pretrained, "float32", mesh=mesh)
         net_cfg = pretrained.config
     else:
         net_cfg = network_config(cfg.model)
