@@ -53,13 +53,15 @@ SCRIPT = textwrap.dedent("""
         data = train_fake.FakeTrainData(8, 0)
         layout, null = data.text_layout, tuple(map(jnp.asarray, data.null_text))
         batch = next(data)
+        # initial weights with the zero-initialised layers perturbed, so every weight matters; made once
+        # on the host and handed to every mesh (eager ops on sharded arrays would compile per mesh)
+        init = mj.Transformer.init(model.config).params
+        init = jax.tree.map(lambda x: (np.asarray(x) + 0.02 * np.cos(np.arange(x.size)).reshape(x.shape))
+                            .astype(np.float32), init)
         out = {}
         for name, shape in meshes:
             mesh = make_mesh(shape, jax.devices()[:1] if name == "one" else None)
-            state, sh = create_state(model, tx, mesh, 0, True)
-            # perturb the zero-initialised layers (same values on every mesh) so every weight matters
-            state = state._replace(params=jax.tree.map(
-                lambda x: x + 0.02 * jnp.cos(jnp.arange(x.size).reshape(x.shape)), state.params))
+            state, sh = create_state(model, tx, mesh, 0, True, init)
             b = jax.device_put(batch, batch_sharding(mesh))
             if name == "data2_fsdp2_tensor2":  # moments live where their parameters do
                 qkv = lambda t: t["groups"][0]["blocks"]["x_block"]["attn"]["qkv"]["kernel"]

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -76,11 +77,5 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose([b[s] for s in (4, 5, 6)], [a[s] for s in (4, 5, 6)], rtol=1e-6)
     pa, pb = mj.load_transformer(full).params, mj.load_transformer(resumed).params
-    for x, y in zip(jax_leaves(pa), jax_leaves(pb)):
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-6, atol=1e-7)
-
-
-def jax_leaves(tree):
-    import jax
-
-    return jax.tree.leaves(tree)

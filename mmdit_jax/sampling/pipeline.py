@@ -205,7 +205,8 @@ class Pipeline:
         if progress:
             self.progress.start(n, "sampling")
         # the ambient mesh turns on context-parallel attention when it has a "sequence" axis
-        with jax.set_mesh(self.mesh) if self.mesh is not None and "sequence" in self.mesh.shape else contextlib.nullcontext():
+        seq = self.mesh is not None and self.mesh.shape.get("sequence", 1) > 1
+        with jax.set_mesh(self.mesh) if seq else contextlib.nullcontext():
             return self._denoise(self._tparams, *args, steps, scales, solver=sampler, cfg=cfg_on,
                                  slg_layers=slg.layers if slg else (), show_progress=bool(progress))
 
