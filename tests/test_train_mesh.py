@@ -53,15 +53,17 @@ SCRIPT = textwrap.dedent("""
         data = train_fake.FakeTrainData(8, 0)
         layout, null = data.text_layout, tuple(map(jnp.asarray, data.null_text))
         batch = next(data)
-        # initial weights with the zero-initialised layers perturbed, so every weight matters; made once
-        # on the host and handed to every mesh (eager ops on sharded arrays would compile per mesh)
+        # initial state with the zero-initialised layers perturbed, so every weight matters; made once
+        # on the host and put on every mesh (creating it per mesh would compile per mesh)
         init = mj.Transformer.init(model.config).params
         init = jax.tree.map(lambda x: (np.asarray(x) + 0.02 * np.cos(np.arange(x.size)).reshape(x.shape))
                             .astype(np.float32), init)
+        host_state = jax.device_get(create_state(model, tx, make_mesh({}, jax.devices()[:1]), 0, True, init)[0])
         out = {}
         for name, shape in meshes:
             mesh = make_mesh(shape, jax.devices()[:1] if name == "one" else None)
-            state, sh = create_state(model, tx, mesh, 0, True, init)
+            sh = create_state(model, tx, mesh, 0, True, abstract_only=True)[1]
+            state = jax.device_put(host_state, sh)
             b = jax.device_put(batch, batch_sharding(mesh))
             if name == "data2_fsdp2_tensor2":  # moments live where their parameters do
                 qkv = lambda t: t["groups"][0]["blocks"]["x_block"]["attn"]["qkv"]["kernel"]
