@@ -79,3 +79,27 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
     pa, pb = mj.load_transformer(full).params, mj.load_transformer(resumed).params
     for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-6, atol=1e-7)
+
+
+def test_distributed_settings_are_checked_before_joining(monkeypatch):
+    from mmdit_jax.errors import MMDiTError
+    from mmdit_jax.training import distributed
+
+    with pytest.raises(MMDiTError, match="--process_id=2 must lie in"):
+        distributed.initialize("localhost:1", 2, 2)
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+    with pytest.raises(MMDiTError, match="JAX_NUM_PROCESSES"):
+        distributed.initialize("localhost:1", None, 0)
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "5")
+    with pytest.raises(MMDiTError, match="--process_id=5 must lie in"):
+        distributed.initialize()
+
+
+def test_checkpoint_data_state_must_match_the_process_count():
+    from mmdit_jax.errors import MMDiTError
+    from mmdit_jax.training.distributed import own, per_process
+
+    assert per_process({"index": 3}) == {"0": {"index": 3}} and own({"0": {"index": 3}}, "data") == {"index": 3}
+    with pytest.raises(MMDiTError, match="written by 2 processes, this run has 1"):
+        own({"0": {}, "1": {}}, "data")
