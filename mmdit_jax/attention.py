@@ -6,6 +6,10 @@ Layout everywhere: q, k, v are (B, L, H, D). Backends:
   needs bfloat16/float16 inputs).
 - "splash": TPU Pallas splash attention (also runs in Pallas interpret mode, which the tests use on CPU).
 - "auto": cudnn on GPU for half-precision inputs, splash on TPU, xla otherwise.
+
+Under an ambient mesh (jax.set_mesh / use_abstract_mesh) with a "sequence" axis of size > 1, attention
+is context parallel: each device keeps its slice of the queries and all-gathers K/V over "sequence"
+(see `_sequence_parallel`).
 """
 from __future__ import annotations
 
@@ -58,6 +62,13 @@ def attention(q, k, v, *, bias=None, is_causal: bool = False, scale: float | Non
     position bias). The splash kernel takes neither bias nor masks here: such calls use XLA on TPU."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     name = _resolve(backend or default_backend(), q.dtype)
+    mesh = sequence_mesh()
+    if mesh is not None and bias is None and not is_causal:
+        return _sequence_parallel(q, k, v, scale, name, mesh)
+    return _dispatch(q, k, v, bias, is_causal, scale, name)
+
+
+def _dispatch(q, k, v, bias, is_causal, scale, name):
     if name == "splash" and (bias is not None or is_causal):
         name = "xla"
     if name == "xla":
@@ -80,6 +91,50 @@ def _xla(q, k, v, bias, is_causal, scale):
         logits = jnp.where(jnp.tril(jnp.ones((lq, lk), bool), lk - lq), logits, jnp.finfo(acc).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def sequence_mesh():
+    """The ambient (abstract) mesh when it has a "sequence" axis of size > 1, else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.shape.get("sequence", 1) == 1:
+        return None
+    return mesh
+
+
+def _sequence_parallel(q, k, v, scale, name, mesh):
+    """Context-parallel attention: queries stay split over "sequence"; K/V are all-gathered.
+
+    Joint attention concatenates text and image tokens, so the joint length rarely divides by the
+    sequence axis: all of q, k, v are padded at the end to a multiple of it, padded keys are masked out
+    and padded query rows dropped. The text tokens are simply part of the sharded sequence (no special
+    case to get wrong). K/V all-gather costs one full (L, H, D) copy per device, fine up to long
+    sequences; a ring would bound it at 2/n of that."""
+    n = mesh.shape["sequence"]
+    b, lq, h, _ = q.shape
+    lk = k.shape[1]
+    pad_q, pad_k = (-lq) % n, (-lk) % n
+    if pad_q:
+        q = jnp.pad(q, ((0, 0), (0, pad_q), (0, 0), (0, 0)))
+    if pad_k:
+        k = jnp.pad(k, ((0, 0), (0, pad_k), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, pad_k), (0, 0), (0, 0)))
+    batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1)
+    if b % math.prod(mesh.shape[a] for a in batch_axes):
+        batch_axes = ()  # an odd batch (sampling) stays whole on each data-parallel group
+    t = mesh.shape.get("tensor", 1)
+    heads = "tensor" if t > 1 and h % t == 0 else None
+    spec = jax.sharding.PartitionSpec(batch_axes or None, "sequence", heads, None)
+
+    def local(q, k, v):
+        k = jax.lax.all_gather(k, "sequence", axis=1, tiled=True)
+        v = jax.lax.all_gather(v, "sequence", axis=1, tiled=True)
+        if not pad_k:
+            return _dispatch(q, k, v, None, False, scale, name)
+        bias = jnp.where(jnp.arange(lk + pad_k) < lk, 0.0, -1e30).astype(jnp.float32)
+        return _xla(q, k, v, bias[None, None, None, :], False, scale)  # masks need the XLA kernel
+
+    out = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)(q, k, v)
+    return out[:, :lq]
 
 
 _BLOCK = 128

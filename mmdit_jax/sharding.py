@@ -50,9 +50,51 @@ def logical_to_spec(names: Iterable[str | None], rules=LOGICAL_RULES, mesh=None)
 
 
 def variable_sharding(v: nnx.Variable, mesh, rules=LOGICAL_RULES) -> NamedSharding:
-    """NamedSharding of one variable from its `out_sharding` logical annotation (replicated if none)."""
-    names = v.get_metadata().get("out_sharding") or (None,) * len(v.get_value().shape)
-    return NamedSharding(mesh, logical_to_spec(names, rules, mesh))
+    """NamedSharding of one variable from its `out_sharding` logical annotation (replicated if none),
+    completed by `fsdp_fill`."""
+    shape = v.get_value().shape
+    names = v.get_metadata().get("out_sharding") or (None,) * len(shape)
+    spec = dividing(logical_to_spec(names, rules, mesh), shape, mesh)
+    return NamedSharding(mesh, fsdp_fill(spec, names, shape, mesh))
+
+
+def dividing(spec: P, shape, mesh) -> P:
+    """`spec` without the mesh axes that do not divide their dimension (that dimension is replicated
+    instead): any model loads on any mesh, e.g. 24 heads' widths on a tensor axis of 16."""
+    parts = []
+    for p, size in zip(tuple(spec) + (None,) * (len(shape) - len(spec)), shape):
+        axes = () if p is None else (p,) if isinstance(p, str) else tuple(p)
+        n = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+        parts.append(p if size % n == 0 else None)
+    return P(*parts)
+
+
+def fsdp_fill(spec: P, names, shape, mesh) -> P:
+    """FSDP shards every parameter, not only those with an "embed" axis: biases, norm scales and
+    buffers left replicated by the rules are split over "fsdp" on their first free dimension that
+    divides (never the scanned "layers" axis). Otherwise these leftovers, replicated on every device,
+    would keep per-device memory well above 1/n of the state on small or wide-bias models."""
+    n = mesh.shape.get("fsdp", 1)
+    parts = list(spec) + [None] * (len(shape) - len(spec))
+    used = {a for p in parts if p is not None for a in ((p,) if isinstance(p, str) else p)}
+    if n == 1 or "fsdp" in used:
+        return spec
+    for i, (name, size) in enumerate(zip(names, shape)):
+        if parts[i] is None and name != "layers" and size % n == 0:
+            parts[i] = "fsdp"
+            return P(*parts)
+    return spec
+
+
+def constrain(x, names, rules=LOGICAL_RULES):
+    """with_sharding_constraint of an activation to its logical axes, under the ambient mesh
+    (jax.set_mesh / use_abstract_mesh). A no-op without one or without sequence parallelism (XLA
+    propagates the data-parallel and tensor shardings from the inputs and parameters by itself);
+    mesh axes that do not divide their dimension are left out."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.shape.get("sequence", 1) == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, dividing(logical_to_spec(names, rules, mesh), x.shape, mesh))
 
 
 def make_mesh(shape: dict[str, int], devices=None):

@@ -43,9 +43,11 @@ class FakeTrainData:
                     pooled=r.standard_normal((self.b, p)).astype(np.float32))
 
     def get_state(self):
-        return {"index": self.index}
+        return {"index": self.index, "process": self.proc}
 
     def set_state(self, state):
+        # a process handed another process's stream position would silently read the wrong shard
+        assert state.get("process", self.proc) == self.proc, (state, self.proc)
         self.index = int(state["index"])
 
     def stats(self):

@@ -40,6 +40,11 @@ flags.DEFINE_float("strength", 0.6, "img2img strength in [0, 1]")
 flags.DEFINE_multi_string("lora", [], "LoRA file (diffusers/PEFT, kohya or ComfyUI keys), optionally :SCALE; "
                           "repeatable: adapters are stacked and merged into the weights")
 flags.DEFINE_bool("progress", True, "print per-step progress to stderr")
+for _axis, _what in (("data", "data parallel (batch split)"), ("fsdp", "FSDP (parameters and batch split)"),
+                     ("tensor", "tensor parallel (heads / MLP split)"),
+                     ("sequence", "sequence parallel (tokens split)")):
+    flags.DEFINE_integer(f"mesh_{_axis}", None, f"mesh axis size for {_what}; -1 fills. Any --mesh_* flag "
+                         "places the transformer by the sharding rules over all devices")
 
 PROG = "mmdit-sample"
 
@@ -140,7 +145,9 @@ def _sample():
     settings = _settings()
     print(f"loading {settings['model']}", flush=True)
     loras = [_parse_lora(x) for x in FLAGS.lora]  # checked before the model loads
-    pipe = mj.Pipeline.from_pretrained(FLAGS.model, dtype=FLAGS.dtype)
+    mesh = {a: getattr(FLAGS, f"mesh_{a}") for a in ("data", "fsdp", "tensor", "sequence")
+            if getattr(FLAGS, f"mesh_{a}") is not None}
+    pipe = mj.Pipeline.from_pretrained(FLAGS.model, dtype=FLAGS.dtype, mesh=mesh or None)
     if loras:
         pipe.fuse_lora([p for p, _ in loras], [s for _, s in loras])
         print(f"merged {len(loras)} LoRA adapter(s): " + ", ".join(f"{p} x{s:g}" for p, s in loras), flush=True)

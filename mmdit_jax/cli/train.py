@@ -21,7 +21,12 @@ flags.DEFINE_integer("mesh_data", None, "Mesh axis size for pure data parallelis
 flags.DEFINE_integer("mesh_fsdp", None, "Mesh axis size for FSDP (-1 fills).")
 flags.DEFINE_integer("mesh_tensor", None, "Mesh axis size for tensor parallelism (-1 fills).")
 flags.DEFINE_integer("mesh_sequence", None, "Mesh axis size for sequence parallelism (-1 fills).")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (settings from the environment).")
+flags.DEFINE_bool("distributed", False, "Join a multi-process job (jax.distributed.initialize): settings from "
+                  "the flags below, else JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, else "
+                  "the cluster's auto-detection (TPU pods, SLURM).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator (with --distributed).")
+flags.DEFINE_integer("num_processes", None, "Processes in the job (with --distributed).")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) (with --distributed).")
 
 
 def _fail(msg: str):
@@ -63,9 +68,11 @@ def main(argv):
     try:
         cfg = build_config()  # everything is checked before any work starts
         if FLAGS.distributed:
-            import jax
+            from mmdit_jax.training.distributed import initialize
 
-            jax.distributed.initialize()
+            initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        elif FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None:
+            _fail("--coordinator_address/--num_processes/--process_id need --distributed")
         from mmdit_jax.training.loop import train
 
         status = train(cfg, FLAGS.workdir)

@@ -3,10 +3,14 @@ StableDiffusion3Pipeline / FluxPipeline (and their Img2Img variants) for the sam
 
 Host work is small (tokenizing, a schedule of N + 1 numbers); three jitted programs do the rest: text
 encoding, the whole denoising loop (denoise.py) and VAE decoding. With several local devices the batch
-is split over them (data parallel; parameters replicated).
+is split over them (data parallel; parameters replicated). With `mesh` (a mesh over MESH_AXES or a dict
+of axis sizes) the transformer's parameters are placed by the logical-axis rules (FSDP / tensor
+parallel, for models too large for one device), the batch is split over "data" x "fsdp", and a
+"sequence" axis makes attention context parallel.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 
@@ -37,7 +41,8 @@ class Defaults:
 
 
 class Pipeline:
-    def __init__(self, transformer, vae, text_encoders, scheduler: schedules.SchedulerConfig, name: str = ""):
+    def __init__(self, transformer, vae, text_encoders, scheduler: schedules.SchedulerConfig, name: str = "",
+                 mesh=None):
         self.transformer, self.vae, self.text_encoders, self.scheduler = transformer, vae, text_encoders, scheduler
         self.name = name
         cfg = transformer.config
@@ -55,22 +60,34 @@ class Pipeline:
             self.defaults = Defaults(28, 3.5, 512, FLUX_DEFAULT_SAMPLE_SIZE)
         self.has_guidance_embed = bool(getattr(cfg, "guidance_embed", False))
         self.progress = Progress()
-        devices = jax.local_devices()
-        self.mesh = Mesh(np.array(devices), ("data",)) if len(devices) > 1 else None
-        tparams, vparams = transformer.params, vae.params
-        if self.mesh is not None:
-            replicated = NamedSharding(self.mesh, P())
-            tparams, vparams = jax.device_put((tparams, vparams), replicated)
-        self._tparams, self._vparams = tparams, vparams
+        # a given mesh shards the transformer by the logical rules (FSDP / tensor / sequence); by default
+        # several local devices split the batch and each holds the whole model
+        self._sharded = mesh is not None
+        if mesh is not None:
+            self.mesh = as_mesh(mesh)
+        else:
+            devices = jax.local_devices()
+            self.mesh = Mesh(np.array(devices), ("data",)) if len(devices) > 1 else None
+        self._tparams = self._place(transformer.params)
+        vparams = vae.params
+        self._vparams = vparams if self.mesh is None else jax.device_put(vparams, NamedSharding(self.mesh, P()))
         apply = transformer.apply
         self._denoise = make_denoise(lambda p, x, s, c, y, g, skip: apply(p, x, s, c, y, g, skip_layers=skip),
                                      self.progress)
         decode = vae.decode_apply
         self._decode = jax.jit(lambda p, z: jnp.clip(decode(p, z) / 2 + 0.5, 0.0, 1.0))
 
+    def _place(self, tparams):
+        if self.mesh is None:
+            return tparams
+        if self._sharded:
+            return jax.device_put(tparams, self.transformer.param_shardings(self.mesh))
+        return jax.device_put(tparams, NamedSharding(self.mesh, P()))
+
     @classmethod
-    def from_pretrained(cls, path, dtype="float32") -> "Pipeline":
-        """Transformer, VAE, text encoders and scheduler config of a model folder."""
+    def from_pretrained(cls, path, dtype="float32", mesh=None) -> "Pipeline":
+        """Transformer, VAE, text encoders and scheduler config of a model folder. `mesh`: see the module
+        docstring; the transformer's parameters are then read straight into their shards."""
         from mmdit_jax.text import load_text_encoders
         from mmdit_jax.transformer import load_transformer
         from mmdit_jax.vae import load_vae
@@ -79,13 +96,14 @@ class Pipeline:
         if not os.path.exists(path):
             raise MMDiTError(f"{path}: no such model folder")
         scheduler = schedules.read_scheduler_config(path)
-        transformer = load_transformer(path, dtype)
+        mesh = None if mesh is None else as_mesh(mesh)
+        transformer = load_transformer(path, dtype, mesh=mesh)
         vae = load_vae(path, dtype)
         text = load_text_encoders(path, dtype)
         if text.family != transformer.config.family:
             raise MMDiTError(f"{path}: text encoders are {text.family}'s but the transformer is "
                              f"{transformer.config.family}")
-        pipe = cls(transformer, vae, text, scheduler, name=path)
+        pipe = cls(transformer, vae, text, scheduler, name=path, mesh=mesh)
         pipe.defaults = _folder_defaults(path, pipe.defaults, pipe.vae_scale_factor)
         return pipe
 
@@ -99,9 +117,7 @@ class Pipeline:
         items = [load_lora(x, self.transformer) if isinstance(x, (str, os.PathLike)) else x for x in items]
         params = jax.jit(merge)(self.transformer.params, items, scales)
         self.transformer.params = params
-        if self.mesh is not None:
-            params = jax.device_put(params, NamedSharding(self.mesh, P()))
-        self._tparams = params
+        self._tparams = self._place(params)
         return self
 
     # -- settings -----------------------------------------------------------------------------------
@@ -173,10 +189,11 @@ class Pipeline:
     def _shard(self, tree):
         if self.mesh is None:
             return tree
-        n = self.mesh.size
+        axes = tuple(a for a in ("data", "fsdp") if self.mesh.shape.get(a, 1) > 1)
+        n = int(np.prod([self.mesh.shape[a] for a in axes]))
 
         def put(a):
-            spec = P("data") if a.ndim and a.shape[0] % n == 0 else P()
+            spec = P(axes) if axes and a.ndim and a.shape[0] % n == 0 else P()
             return jax.device_put(a, NamedSharding(self.mesh, spec))
 
         return jax.tree.map(put, tree)
@@ -210,8 +227,11 @@ class Pipeline:
         args = self._shard((x0, cond, uncond, guidance))
         if progress:
             self.progress.start(n, "sampling")
-        return self._denoise(self._tparams, *args, steps, scales, solver=sampler, cfg=cfg_on,
-                             slg_layers=slg.layers if slg else (), show_progress=bool(progress))
+        # the ambient mesh turns on context-parallel attention when it has a "sequence" axis
+        seq = self.mesh is not None and self.mesh.shape.get("sequence", 1) > 1
+        with jax.set_mesh(self.mesh) if seq else contextlib.nullcontext():
+            return self._denoise(self._tparams, *args, steps, scales, solver=sampler, cfg=cfg_on,
+                                 slg_layers=slg.layers if slg else (), show_progress=bool(progress))
 
     def _noise(self, seed, shape):
         """Image j of a batch starts from normal(fold_in(key(seed), j)): one image's noise does not
@@ -316,6 +336,18 @@ def _folder_defaults(path: str, defaults: Defaults, vae_factor: int) -> Defaults
         raise MMDiTError(f"{toy}: max_sequence_length {n} / resolution {side} not usable with VAE factor "
                          f"{vae_factor}")
     return dataclasses.replace(defaults, max_sequence_length=n, sample_size=side // vae_factor)
+
+
+def as_mesh(mesh):
+    """A jax Mesh as given, or one made from a dict of axis sizes (mmdit_jax.sharding.make_mesh)."""
+    if isinstance(mesh, Mesh):
+        return mesh
+    from mmdit_jax.sharding import make_mesh
+
+    try:
+        return make_mesh(dict(mesh))
+    except (TypeError, ValueError) as e:
+        raise MMDiTError(f"mesh {mesh!r}: {e}") from None
 
 
 def _image_array(image, height, width) -> np.ndarray:

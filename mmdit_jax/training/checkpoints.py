@@ -32,11 +32,10 @@ class Checkpointer:
 
     def save(self, state: TrainState, meta: dict, *, force: bool = False) -> bool:
         """Saves when `step` is on the interval (or force); async unless configured otherwise."""
-        step = int(jax.device_get(state.step))
+        step = int(_host(state.step))
         items = dict(params=ocp.args.StandardSave(state.params),
                      opt_state=ocp.args.StandardSave(_leaves(state.opt_state)),
-                     meta=ocp.args.JsonSave(dict(meta, step=step, rng=np.asarray(jax.device_get(
-                         state.rng)).tolist())))
+                     meta=ocp.args.JsonSave(dict(meta, step=step, rng=_host(state.rng).tolist())))
         if state.ema is not None:
             items["ema"] = ocp.args.StandardSave(state.ema)
         return self.mngr.save(step, args=ocp.args.Composite(**items), force=force)
@@ -71,6 +70,12 @@ class Checkpointer:
     def close(self) -> None:
         self.mngr.wait_until_finished()
         self.mngr.close()
+
+
+def _host(x) -> np.ndarray:
+    """A replicated array's value from this process's own copy (a multi-process array cannot be
+    fetched whole, but every process holds all of a replicated one)."""
+    return np.asarray(x.addressable_data(0))
 
 
 def _leaves(tree) -> dict:

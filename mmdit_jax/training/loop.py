@@ -15,6 +15,7 @@ from mmdit_jax.sharding import make_mesh
 from mmdit_jax.training import config as C
 from mmdit_jax.training.checkpoints import Checkpointer, Preemption, write_meta_json
 from mmdit_jax.training.data import make_data
+from mmdit_jax.training.distributed import own, per_process
 from mmdit_jax.training.hooks import prepare_base, run_evaluation
 from mmdit_jax.training.metrics import MetricsWriter
 from mmdit_jax.training.modes import TrainMode
@@ -63,9 +64,10 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
 
     pretrained = teacher = None
     if cfg.model.pretrained is not None:
-        # a LoRA base is never trained: read it in its frozen dtype straight into its shardings
-        lora_base = dict(dtype=cfg.lora.base_dtype, mesh=mesh) if cfg.lora.enabled else dict(dtype="float32")
-        pretrained = load_transformer(cfg.model.pretrained, **lora_base)
+        # read straight into the shards (a large model never sits whole on one host); a LoRA base is
+        # never trained: it is read in its frozen dtype
+        dtype = cfg.lora.base_dtype if cfg.lora.enabled else "float32"
+        pretrained = load_transformer(cfg.model.pretrained, dtype, mesh=mesh)
         net_cfg = pretrained.config
     else:
         net_cfg = network_config(cfg.model)
@@ -102,9 +104,10 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
     data = make_data(cfg, seed=cfg.seed, encoders_path=encoders, process_index=jax.process_index(),
                      process_count=jax.process_count())
     # where the stream starts: the validation batches are read from there
-    data_start = data.get_state() if meta is None else meta["data_start"]
+    data_start = data.get_state() if meta is None else _own_data(meta, "data_start")
     if meta is not None:
-        data.set_state(meta["data"])
+        data.set_state(_own_data(meta, "data"))
+    data_start_all = per_process(data_start)  # the meta stores every process's own data stream
     if lead:
         prepare_workdir(workdir, net_cfg, encoders, use_ema,
                         base_transformer=cfg.model.pretrained if mode.kind == "lora" else None)
@@ -151,7 +154,8 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
                 writer.image(step, "samples", grid)
                 if lead:
                     _save_png(grid, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
-            meta_now = dict(data=data.get_state(), data_start=data_start, config=C.to_dict(cfg))
+            meta_now = dict(data=per_process(data.get_state()), data_start=data_start_all,
+                            process_count=jax.process_count(), config=C.to_dict(cfg))
             if preempt.requested and step < cfg.max_steps:
                 ckpt.save(state, meta_now, force=True)
                 if lead:
@@ -171,6 +175,11 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
         # the workdir is a pipeline folder now: evaluate it the way a user samples it
         run_evaluation(cfg, workdir, out)
     return status
+
+
+def _own_data(meta, key):
+    """This process's data state from a checkpoint meta (keyed by process since multi-process runs)."""
+    return own(meta[key], key) if "process_count" in meta else meta[key]
 
 
 def _validation(cfg, model, data, start_state, put, batch_sh, mode=None, frozen=None, null_text=None):

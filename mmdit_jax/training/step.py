@@ -108,11 +108,18 @@ def jit_train_step(model, tx, cfg, mesh, state_sh, layout=(), null_text=None, mo
     from mmdit_jax.training.state import replicated
 
     step = make_train_step(model, tx, cfg, layout, null_text, mode)
+
+    def on_mesh(*args):
+        # the ambient mesh lets the blocks constrain tokens to "sequence" and attention go context
+        # parallel (mmdit_jax.attention); without a sequence axis it changes nothing
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return step(*args)
+
     if frozen_sh is None:
-        jitted = jax.jit(step, in_shardings=(state_sh, batch_sharding(mesh)),
+        jitted = jax.jit(on_mesh, in_shardings=(state_sh, batch_sharding(mesh)),
                          out_shardings=(state_sh, replicated(mesh)), donate_argnums=0)
         return lambda state, batch, frozen=None: jitted(state, batch)  # nothing frozen in full mode
-    return jax.jit(step, in_shardings=(state_sh, batch_sharding(mesh), frozen_sh),
+    return jax.jit(on_mesh, in_shardings=(state_sh, batch_sharding(mesh), frozen_sh),
                    out_shardings=(state_sh, replicated(mesh)), donate_argnums=0)
 
 
