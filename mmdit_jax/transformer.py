@@ -32,7 +32,10 @@ def parse_dtype(dtype) -> type:
 def abstract_module(config, dtype=jnp.float32):
     """The model's structure with ShapeDtypeStructs for values: no memory is allocated."""
     fam = family_of_config(config)
-    return nnx.eval_shape(lambda: fam.build(config, param_dtype=dtype, rngs=nnx.Rngs(0)))
+    # built outside any ambient mesh (a jitted step traces under one): the parameters' out_sharding
+    # metadata holds logical axis names, which only sharding.py maps to mesh axes
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+        return nnx.eval_shape(lambda: fam.build(config, param_dtype=dtype, rngs=nnx.Rngs(0)))
 
 
 def count_params(config) -> int:

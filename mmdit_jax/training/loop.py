@@ -116,6 +116,7 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
     null_text = None if null_text is None else tuple(jnp.asarray(x) for x in null_text)
     step_fn = jit_train_step(model, tx, cfg, mesh, state_sh, tuple(getattr(data, "text_layout", ()) or ()),
                              null_text, mode, frozen_sh)
+    frozen_arg = () if frozen is None else (frozen,)  # full mode trains everything
     lr_at = learning_rate(cfg.optim, cfg.max_steps)
 
     def put(batch):
@@ -133,7 +134,7 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
         t_last, s_last = time.perf_counter(), step
         while step < cfg.max_steps:
             batch = put(next(data))
-            state, metrics = step_fn(state, batch, frozen)
+            state, metrics = step_fn(state, batch, *frozen_arg)
             step += 1
             if step % cfg.log.every == 0 or step == cfg.max_steps:
                 m = jax.device_get(metrics)

@@ -104,7 +104,8 @@ def batch_sharding(mesh):
 
 def jit_train_step(model, tx, cfg, mesh, state_sh, layout=(), null_text=None, mode=None, frozen_sh=None):
     """The step jitted for `mesh`: state in/out in its shardings (donated), batch split over the
-    data-parallel axes, the frozen tree (if the mode has one) in `frozen_sh`, metrics replicated."""
+    data-parallel axes, the frozen tree (if the mode has one) in `frozen_sh`, metrics replicated. Called
+    as step(state, batch), or step(state, batch, frozen) when the mode has a frozen tree."""
     from mmdit_jax.training.state import replicated
 
     step = make_train_step(model, tx, cfg, layout, null_text, mode)
@@ -115,10 +116,9 @@ def jit_train_step(model, tx, cfg, mesh, state_sh, layout=(), null_text=None, mo
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return step(*args)
 
-    if frozen_sh is None:
-        jitted = jax.jit(on_mesh, in_shardings=(state_sh, batch_sharding(mesh)),
-                         out_shardings=(state_sh, replicated(mesh)), donate_argnums=0)
-        return lambda state, batch, frozen=None: jitted(state, batch)  # nothing frozen in full mode
+    if frozen_sh is None:  # full mode: nothing frozen, step(state, batch)
+        return jax.jit(on_mesh, in_shardings=(state_sh, batch_sharding(mesh)),
+                       out_shardings=(state_sh, replicated(mesh)), donate_argnums=0)
     return jax.jit(on_mesh, in_shardings=(state_sh, batch_sharding(mesh), frozen_sh),
                    out_shardings=(state_sh, replicated(mesh)), donate_argnums=0)
 
