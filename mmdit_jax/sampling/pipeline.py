@@ -272,11 +272,17 @@ class Pipeline:
         shape = (len(prompts) * num_images_per_prompt, height // f, width // f, self.latent_channels)
         x0 = self._noise(seed, shape) if latents is None else self._check_latents(latents, shape)
         sig = self._sigmas(n_steps, shape[1:3], sigmas, mu, schedule)
-        slg = (SkipLayerGuidance(tuple(skip_guidance_layers), skip_layer_guidance_scale,
-                                 skip_layer_guidance_start, skip_layer_guidance_stop)
-               if skip_guidance_layers else None)
-        out = self._run(prompts=prompts, neg=neg, n_per_prompt=num_images_per_prompt, x0=x0, sigmas=sig,
-                        guidance_scale=gs, true_cfg_scale=true_cfg_scale,
+        slg = (skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_start, skip_layer_guidance_stop)
+        return self._generate(prompts, neg, num_images_per_prompt, x0, sig, gs, true_cfg_scale, max_sequence_length,
+                              sampler, slg, progress, output_type)
+
+    def _generate(self, prompts, neg, n_per_prompt, x0, sigmas, guidance_scale, true_cfg_scale,
+                  max_sequence_length, sampler, slg, progress, output_type):
+        """The denoising loop from `x0` over `sigmas`, decoded; `slg` = (layers, scale, start, stop)."""
+        layers, scale, start, stop = slg
+        slg = SkipLayerGuidance(tuple(layers), scale, start, stop) if layers else None
+        out = self._run(prompts=prompts, neg=neg, n_per_prompt=n_per_prompt, x0=x0, sigmas=sigmas,
+                        guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale,
                         max_sequence_length=max_sequence_length, sampler=sampler, slg=slg, progress=progress)
         return self._output(out, output_type)
 
@@ -308,13 +314,9 @@ class Pipeline:
         s0 = jnp.float32(sig[0])
         x0 = s0 * eps + (1.0 - s0) * init  # the scheduler's scale_noise at the first kept sigma
         gs = self.defaults.guidance_scale if guidance_scale is None else guidance_scale
-        slg = (SkipLayerGuidance(tuple(skip_guidance_layers), skip_layer_guidance_scale,
-                                 skip_layer_guidance_start, skip_layer_guidance_stop)
-               if skip_guidance_layers else None)
-        out = self._run(prompts=prompts, neg=neg, n_per_prompt=num_images_per_prompt, x0=x0, sigmas=sig,
-                        guidance_scale=gs, true_cfg_scale=true_cfg_scale,
-                        max_sequence_length=max_sequence_length, sampler=sampler, slg=slg, progress=progress)
-        return self._output(out, output_type)
+        slg = (skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_start, skip_layer_guidance_stop)
+        return self._generate(prompts, neg, num_images_per_prompt, x0, sig, gs, true_cfg_scale, max_sequence_length,
+                              sampler, slg, progress, output_type)
 
 
 def _folder_defaults(path: str, defaults: Defaults, vae_factor: int) -> Defaults:
