@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmdit_jax.sharding import sequence_mesh
+
 BACKENDS = ("auto", "xla", "cudnn", "splash")
 _state = threading.local()
 
@@ -91,14 +93,6 @@ def _xla(q, k, v, bias, is_causal, scale):
         logits = jnp.where(jnp.tril(jnp.ones((lq, lk), bool), lk - lq), logits, jnp.finfo(acc).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-
-
-def sequence_mesh():
-    """The ambient (abstract) mesh when it has a "sequence" axis of size > 1, else None."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.shape.get("sequence", 1) == 1:
-        return None
-    return mesh
 
 
 def _sequence_parallel(q, k, v, scale, name, mesh):

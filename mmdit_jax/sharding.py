@@ -86,13 +86,24 @@ def fsdp_fill(spec: P, names, shape, mesh) -> P:
     return spec
 
 
+TOKENS = ("batch", "seq", None)  # logical axes of the blocks' token streams
+
+
+def sequence_mesh():
+    """The ambient (abstract) mesh when it has a "sequence" axis of size > 1, else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.shape.get("sequence", 1) == 1:
+        return None
+    return mesh
+
+
 def constrain(x, names, rules=LOGICAL_RULES):
     """with_sharding_constraint of an activation to its logical axes, under the ambient mesh
     (jax.set_mesh / use_abstract_mesh). A no-op without one or without sequence parallelism (XLA
     propagates the data-parallel and tensor shardings from the inputs and parameters by itself);
     mesh axes that do not divide their dimension are left out."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.shape.get("sequence", 1) == 1:
+    mesh = sequence_mesh()
+    if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, dividing(logical_to_spec(names, rules, mesh), x.shape, mesh))
 

@@ -17,10 +17,9 @@ from mmdit_jax.flux.config import FluxConfig
 from mmdit_jax.flux.rope import apply_rope, rope_tables
 from mmdit_jax.layers import (FinalLayer, Linear, MLP, MLPEmbedder, Modulation, RMSNorm, gelu_tanh,
                               layer_norm, merge_heads, modulate, split_heads, timestep_embedding)
-from mmdit_jax.sharding import constrain
+from mmdit_jax.sharding import TOKENS, constrain
 from mmdit_jax.stacking import Stack
 
-ACT = ("batch", "seq", None)  # logical axes of the token streams (split over "sequence" when > 1)
 TIME_FACTOR = 1000.0  # sigma and guidance scale both enter the sinusoid multiplied by 1000
 
 
@@ -55,7 +54,7 @@ class DoubleBlock(nnx.Module):
         self.txt_mlp = MLP(d, cfg.mlp_hidden, **kw)
 
     def __call__(self, carry, vec, cos, sin):
-        txt, img = (constrain(t, ACT) for t in carry)
+        txt, img = (constrain(t, TOKENS) for t in carry)
         # chunks: shift, scale, gate (attention), then shift, scale, gate (MLP)
         im = self.img_mod(vec)
         tm = self.txt_mod(vec)
@@ -89,7 +88,7 @@ class SingleBlock(nnx.Module):
         self.linear2 = Linear(d + cfg.mlp_hidden, d, axes=("mlp", "embed"), **kw)
 
     def __call__(self, x, vec, cos, sin):
-        x = constrain(x, ACT)
+        x = constrain(x, TOKENS)
         shift, scale, gate = self.modulation(vec)
         h = self.linear1(modulate(layer_norm(x), shift, scale))
         qkv, mlp = h[..., :3 * self.hidden], h[..., 3 * self.hidden:]

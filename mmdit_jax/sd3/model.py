@@ -14,7 +14,7 @@ from mmdit_jax.errors import MMDiTError
 from mmdit_jax.layers import (Buffer, FinalLayer, Linear, MLP, MLPEmbedder, Modulation, RMSNorm,
                               layer_norm, merge_heads, modulate, split_heads, timestep_embedding)
 from mmdit_jax.sd3.config import MMDiTConfig
-from mmdit_jax.sharding import constrain
+from mmdit_jax.sharding import TOKENS, constrain
 from mmdit_jax.stacking import Stack
 
 
@@ -83,9 +83,6 @@ class SelfAttention(nnx.Module):
         return self.proj(merge_heads(attention(*self.attn(x))))
 
 
-ACT = ("batch", "seq", None)  # logical axes of the token streams
-
-
 class JointBlock(nnx.Module):
     def __init__(self, cfg: MMDiTConfig, dual: bool, pre_only: bool, *, param_dtype, rngs):
         self.dual, self.pre_only = dual, pre_only
@@ -94,7 +91,7 @@ class JointBlock(nnx.Module):
         self.attn2 = SelfAttention(cfg, param_dtype=param_dtype, rngs=rngs) if dual else None
 
     def __call__(self, carry, c):
-        ctx, x = (constrain(t, ACT) for t in carry)  # tokens split over "sequence" when it is > 1
+        ctx, x = (constrain(t, TOKENS) for t in carry)  # tokens split over "sequence" when it is > 1
         # x chunks: shift/scale/gate (msa), shift/scale/gate (mlp)[, shift/scale/gate (msa2)]
         xm = self.x_block.mod(c)
         cm = self.context_block.mod(c)

@@ -195,7 +195,6 @@ def with_guidance_embedder(student_config, params, seed: int):
     name = GUIDANCE_EMBEDDER[student_config.family]
     emb = MLPEmbedder(256, student_config.hidden_size, zero_out=True, rngs=nnx.Rngs(seed))
     emb = nnx.state(emb).to_pure_dict()
-    emb["out_layer"] = jax.tree.map(jnp.zeros_like, emb["out_layer"])  # FLUX's embedder is xavier-built
     out = dict(params)
     out[name] = emb
     want = jax.tree.structure(Structure(abstract_module(student_config)).abstract_params())

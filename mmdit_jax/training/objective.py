@@ -43,7 +43,11 @@ def flow_loss(apply_fn, params, x0, eps, sigma, context, pooled, guidance, weigh
 def distill_loss(student_fn, params, mode, frozen, x0, eps, sigma, context, pooled, null_context, null_pooled,
                  guidance, weighting: str, *, compute, teacher_guidance: float = 1.0):
     """Guidance distillation: the student at guidance g regresses the teacher's CFG velocity
-    v_u + g (v_c - v_u) at the same x_t (one student forward, no CFG batch for it), per-sample g."""
+    v_u + g (v_c - v_u) at the same x_t (one student forward, no CFG batch for it), per-sample g.
+    `null_context` None (data without an empty-caption encoding): the unconditional text is zeros."""
+    if null_context is None:
+        null_context = jnp.zeros(context.shape[1:], jnp.float32)
+        null_pooled = jnp.zeros(pooled.shape[1:], jnp.float32)
     s = sigma.reshape((-1,) + (1,) * (x0.ndim - 1))
     x_t = (1 - s) * x0 + s * eps
     target = mode.teacher_cfg_velocity(frozen, x_t, sigma, context, pooled, null_context, null_pooled, guidance,

@@ -38,8 +38,7 @@ def make_train_step(model, tx: optax.GradientTransformation, cfg, layout=(), nul
 
     def micro_loss(params, frozen, mb, key):
         if distill:
-            nc, npl = null_text if null_text is not None else (  # no empty caption: dropped text is zeros
-                jnp.zeros(mb["context"].shape[1:], jnp.float32), jnp.zeros(mb["pooled"].shape[1:], jnp.float32))
+            nc, npl = null_text if null_text is not None else (None, None)
             return objective.distill_loss(apply_fn(frozen, key), params, mode, frozen, mb["latents"], mb["eps"],
                                           mb["sigma"], mb["context"], mb["pooled"], nc, npl, mb["guidance"],
                                           lc.weighting, compute=compute, teacher_guidance=lc.guidance)
@@ -141,7 +140,7 @@ def make_eval_loss(model, cfg, mode=None, frozen=None):
         if mode.kind == "distill":
             d = cfg.distill
             g = d.guidance_min + (d.guidance_max - d.guidance_min) * (jnp.arange(sigma.shape[0]) + 0.5) / sigma.shape[0]
-            nc, npl = null
+            nc, npl = null if null is not None else (None, None)
             return objective.distill_loss(apply_fn(frozen), params, mode, frozen, x0, eps, sigma, batch["context"],
                                           batch["pooled"], nc, npl, g.astype(jnp.float32), "none", compute=compute,
                                           teacher_guidance=cfg.loss.guidance)
@@ -152,9 +151,6 @@ def make_eval_loss(model, cfg, mode=None, frozen=None):
     jitted = jax.jit(eval_loss)
 
     def run(params, batch, sigma, eps, null=None):
-        if null is None:
-            null = (jnp.zeros(batch["context"].shape[1:], jnp.float32),
-                    jnp.zeros(batch["pooled"].shape[1:], jnp.float32))
         return jitted(params, frozen, batch, sigma, eps, null)
 
     return run
