@@ -75,13 +75,14 @@ def _mib(v):
 
 def table(results: list[dict]) -> list[str]:
     rows = ["| comparison | config | ours | diffusers eager | speed-up | torch.compile | speed-up | "
-            "ours GFLOP/s | utilisation (of GFLOP/s) | max rel err | memory MiB ours / eager | load (1 min) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "ours GFLOP/s | utilisation (of GFLOP/s) | eager's utilisation | speed-up bound | max rel err | "
+            "memory MiB ours / eager | load (1 min) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r.get("what") in ("matmul_peak", "compile_time"):
             continue
         if "error" in r:
-            rows.append(f"| {r['what']} | FAILED: {r['error'][:200]} |" + " |" * 10)
+            rows.append(f"| {r['what']} | FAILED: {r['error'][:200]} |" + " |" * 12)
             continue
         t = r["timing"]
         ours, eager = t["ours"]["median_s"], t["diffusers"]["median_s"]
@@ -92,6 +93,8 @@ def table(results: list[dict]) -> list[str]:
         alongside = common.probe_peak(t)
         # only against matmuls timed alongside: a peak taken at another moment's load can exceed 100%
         util = f"{100 * rate / alongside:.0f}% (of {alongside / 1e9:.0f})" if rate and alongside else ""
+        their_util = f"{100 * flops / eager / alongside:.0f}%" if rate and alongside else ""
+        bound = f"{alongside * eager / flops:.2f}x" if rate and alongside else ""
         ws = r.get("memory_mib", {})
         what = {"forward": "transformer forward", "train": "train step (fwd+bwd+AdamW)",
                 "sampling": f"sampling loop, {r.get('steps')} steps", "vae_decode": "VAE decode",
@@ -99,9 +102,41 @@ def table(results: list[dict]) -> list[str]:
         case = r["case"] + (f", remat {r['remat']}" if "remat" in r else "")
         rows.append(f"| {what} | {case} | {_ms(ours)} | {_ms(eager)} | **{eager / ours:.2f}x** | {comp_txt} | "
                     f"{f'{comp / ours:.2f}x' if comp else ''} | {f'{rate / 1e9:.1f}' if rate else ''} | {util} | "
+                    f"{their_util} | {bound} | "
                     f"{r['parity_rel_err']:.1e} | {_mib(ws.get('ours'))} / {_mib(ws.get('diffusers'))} | "
                     f"{r['loadavg_start'].split()[0]} |")
     return rows
+
+
+# issue 10's CPU targets: (comparison, minimum speed-up over diffusers eager, minimum utilisation)
+TARGETS = {"forward": (1.5, 0.65), "train": (1.2, None), "sampling": (1.5, None)}
+
+
+def target_status(results: list[dict]) -> list[str]:
+    """One line per comparison with a target: met or not, and the bound the matmul rate puts on it.
+
+    The bound is the speed-up we would get running at 100% of the matmul rate timed alongside, i.e.
+    (matmul rate) / (diffusers' achieved FLOP/s): no implementation of the same FLOPs can beat it."""
+    lines = []
+    for r in results:
+        if r.get("what") not in TARGETS or "error" in r:
+            continue
+        need, need_util = TARGETS[r["what"]]
+        t = r["timing"]
+        ours, eager = t["ours"]["median_s"], t["diffusers"]["median_s"]
+        flops, alongside = r["flops"]["total"], common.probe_peak(t)
+        ok = eager / ours >= need
+        text = (f"- {r['what']} {r['case']}: {eager / ours:.2f}x diffusers eager (target {need}x: "
+                f"{'met' if ok else 'not met'})")
+        if alongside:
+            text += (f"; diffusers runs at {100 * flops / eager / alongside:.0f}% of the matmul rate, so no "
+                     f"implementation can be more than {alongside * eager / flops:.2f}x faster here")
+            if need_util:
+                util = flops / ours / alongside
+                text += (f"; our utilisation {100 * util:.0f}% (target {100 * need_util:.0f}%: "
+                         f"{'met' if util >= need_util else 'not met'})")
+        lines.append(text + ".")
+    return (["Against the issue's CPU targets (generated from this run):", ""] + lines + [""]) if lines else []
 
 
 def render(results: list[dict], command: str, started: str) -> str:
@@ -119,8 +154,9 @@ def render(results: list[dict], command: str, started: str) -> str:
                 f"{peak_r['torch_flops'] / 1e9:.1f} GFLOP/s, XLA {peak_r['jax_flops'] / 1e9:.1f} GFLOP/s; "
                 f"higher: {peak / 1e9:.1f} GFLOP/s. Utilisation in the table is achieved FLOP/s over the higher of "
                 f"the two frameworks' {common.PROBE_N}x{common.PROBE_N} matmul rates timed in the same process, "
-                "interleaved with the calls it rates (shown in brackets), so both see the same load; the "
-                "sampling rows carry no such probe and show no utilisation.", ""]
+                "interleaved with the calls it rates (shown in brackets), so both see the same load. Speed-up "
+                "bound = that matmul rate / diffusers' achieved FLOP/s: the speed-up over eager that running "
+                "every FLOP at the matmul rate would give.", ""]
     out += table(results)
     out += ["", "Times are medians of interleaved repetitions (ours, eager, compiled, ours, ...) after a warm-up "
             "call; the first call (tracing and compiling) is excluded and reported below. Speed-up = their "
@@ -131,6 +167,7 @@ def render(results: list[dict], command: str, started: str) -> str:
             "d->7d plus linear2 5d->d give the same 24*D^2*S), plus embedders, adaLN and final layer; "
             "training counts 3x forward; sampling counts every transformer forward (SD3 with CFG: 2 per "
             "step). Load is /proc/loadavg at the start of each comparison (other jobs share this machine).", ""]
+    out += target_status(results)
     firsts = [r for r in results if "ours_first_call_s" in r]
     if firsts:
         out += ["First call (trace + compile + run), seconds: " + "; ".join(

@@ -119,7 +119,7 @@ def main():
     res = {"case": a.case, "what": "sampling", "steps": a.steps, "images": n, "parity_rel_err": err,
            "loadavg_start": load0, "flops": {"total": per_forward * a.steps},
            "ours_first_call_s": compile_s, "settings": common.settings()}
-    fns = {"ours": mine, "diffusers": theirs}
+    fns = {"ours": mine, "diffusers": theirs, **common.matmul_probes()}
     res["timing"] = common.interleaved(fns, reps=a.reps, warmup=0, progress=a.case)
     res["memory_mib"] = {"ours": run.lower(ours.params, *dev).compile().memory_analysis().temp_size_in_bytes
                          / 2 ** 20, "diffusers": ws_theirs}

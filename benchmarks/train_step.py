@@ -8,6 +8,7 @@ sides' losses must agree on the first step and on the step after one update.
     python benchmarks/train_step.py --case sd3|flux [--reps 5] [--remat none]
 """
 import argparse
+import functools
 
 import numpy as np
 
@@ -52,7 +53,8 @@ def main():
                        batch.get("guidance"), remat=a.remat)
         return jnp.mean(jnp.square(v - batch["target"]))
 
-    @jax.jit
+    # params and optimizer state donated, as the trainer's step does (torch updates in place too)
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(params, opt_state, batch):
         loss, grads = jax.value_and_grad(loss_fn)(params, batch)
         updates, opt_state = tx.update(grads, opt_state, params)

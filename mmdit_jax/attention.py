@@ -74,6 +74,8 @@ def _dispatch(q, k, v, bias, is_causal, scale, name):
     if name == "splash" and (bias is not None or is_causal):
         name = "xla"
     if name == "xla":
+        if bias is None and not is_causal:
+            return _xla_lse(q, k, v, scale)
         return _xla(q, k, v, bias, is_causal, scale)
     if name == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=is_causal, scale=scale,
@@ -93,6 +95,40 @@ def _xla(q, k, v, bias, is_causal, scale):
         logits = jnp.where(jnp.tril(jnp.ones((lq, lk), bool), lk - lq), logits, jnp.finfo(acc).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _xla_lse(q, k, v, scale):
+    """`_xla` without bias or mask, differentiated the way flash attention is: backward keeps q, k, v,
+    the output and the (B, H, Lq) log-sum-exp, and recomputes the probabilities with one extra q k^T
+    matmul. Autodiff of `_xla` would keep the (B, H, Lq, Lk) probabilities of every block, which is
+    quadratic memory and, on CPU, more time moving them than the matmul takes."""
+    return _xla_lse_fwd(q, k, v, scale)[0]
+
+
+def _xla_lse_fwd(q, k, v, scale):
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=acc) * scale
+    top = jax.lax.stop_gradient(logits.max(-1, keepdims=True))
+    e = jnp.exp(logits - top)
+    total = e.sum(-1, keepdims=True)
+    out = jnp.einsum("bhqk,bkhd->bqhd", (e / total).astype(v.dtype), v)
+    return out, (q, k, v, out, top + jnp.log(total))
+
+
+def _xla_lse_bwd(scale, res, g):
+    q, k, v, out, lse = res
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=lse.dtype) * scale
+    p = jnp.exp(logits - lse)
+    dv = jnp.einsum("bhqk,bqhd->bkhd", p.astype(v.dtype), g)
+    dp = jnp.einsum("bqhd,bkhd->bhqk", g, v, preferred_element_type=lse.dtype)
+    # softmax backward: ds = p (dp - sum_k p dp), and sum_k p dp = <g, out> per query
+    delta = jnp.einsum("bqhd,bqhd->bhq", g.astype(lse.dtype), out.astype(lse.dtype))[..., None]
+    ds = (p * (dp - delta) * scale).astype(q.dtype)
+    return (jnp.einsum("bhqk,bkhd->bqhd", ds, k), jnp.einsum("bhqk,bqhd->bkhd", ds, q), dv)
+
+
+_xla_lse.defvjp(_xla_lse_fwd, _xla_lse_bwd)
 
 
 def _sequence_parallel(q, k, v, scale, name, mesh):

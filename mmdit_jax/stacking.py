@@ -10,6 +10,8 @@ from typing import Callable
 import jax
 from flax import nnx
 
+from mmdit_jax.layers import Modulation
+
 # Names tagged inside blocks (see layers.py and the model files).
 SAVEABLE = ("qkv", "attn_out", "mlp_hidden")
 
@@ -20,6 +22,12 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "qkv_attn": jax.checkpoint_policies.save_only_these_names("qkv", "attn_out"),
     "attn": jax.checkpoint_policies.save_only_these_names("attn_out"),
 }
+
+
+def _in_modulation(blocks):
+    """nnx filter: the variables of the blocks' adaLN `Modulation` layers (LoRA factors included)."""
+    prefixes = [path for path, node in nnx.iter_graph(blocks) if isinstance(node, Modulation)]
+    return lambda path, _: any(tuple(path[:len(p)]) == tuple(p) for p in prefixes)
 
 
 class Stack(nnx.Module):
@@ -35,23 +43,39 @@ class Stack(nnx.Module):
 
         self.blocks = create(rngs)
 
-    def __call__(self, carry, *args, remat: str = "none", skip=None):
+    def __call__(self, carry, *args, cond=None, remat: str = "none", skip=None):
         """carry = block(carry, *args) for each block in order; `args` are shared by all blocks.
+
+        `cond` (optional): the conditioning vector of adaLN blocks. Each block's `modulations(cond)` is
+        then computed for all layers at once, before the scan (one matmul over the stacked adaLN
+        kernels, and one for their gradient), and the block is called as block(carry, mods, *args).
+        Inside the scan those kernels, a third of an MMDiT block's weights, would be copied out of the
+        stack at every step and their gradients written back into a zeroed stack.
 
         `skip` (n,) bools, optional: blocks where it is True pass the carry through unchanged
         (skip-layer guidance); a `lax.cond`, so skipped blocks cost nothing."""
-        graphdef, state = nnx.split(self.blocks)
+        if cond is None:
+            graphdef, state = nnx.split(self.blocks)
 
-        def run(c, layer_state):
-            return nnx.merge(graphdef, layer_state)(c, *args)
+            def run(c, xs):
+                return nnx.merge(graphdef, xs)(c, *args)
+        else:
+            graphdef, adaln, state = nnx.split(self.blocks, _in_modulation(self.blocks), ...)
+            mods = jax.vmap(lambda a, s: nnx.merge(graphdef, a, s).modulations(cond))(adaln, state)
+            # inside the scan the adaLN variables are only shapes: nothing reads them there
+            hollow = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), adaln)
+            state = (state, mods)
+
+            def run(c, xs):
+                return nnx.merge(graphdef, hollow, xs[0])(c, xs[1], *args)
 
         if skip is None:
-            def body(c, layer_state):
-                return run(c, layer_state), None
+            def body(c, xs):
+                return run(c, xs), None
         else:
             def body(c, xs):
-                layer_state, skip_this = xs
-                return jax.lax.cond(skip_this, lambda c_, _: c_, run, c, layer_state), None
+                xs, skip_this = xs
+                return jax.lax.cond(skip_this, lambda c_, _: c_, run, c, xs), None
             state = (state, jax.numpy.asarray(skip, bool))
 
         if remat not in REMAT_POLICIES:

@@ -53,11 +53,15 @@ class DoubleBlock(nnx.Module):
         self.txt_attn = StreamAttention(cfg, **kw)
         self.txt_mlp = MLP(d, cfg.mlp_hidden, **kw)
 
-    def __call__(self, carry, vec, cos, sin):
+    def modulations(self, vec):
+        """Both streams' adaLN projections of `vec` (see `Stack`)."""
+        return self.img_mod.project(vec), self.txt_mod.project(vec)
+
+    def __call__(self, carry, mods, cos, sin):
         txt, img = (constrain(t, TOKENS) for t in carry)
         # chunks: shift, scale, gate (attention), then shift, scale, gate (MLP)
-        im = self.img_mod(vec)
-        tm = self.txt_mod(vec)
+        im = self.img_mod.split(mods[0])
+        tm = self.txt_mod.split(mods[1])
         qi, ki, vi = self.img_attn.qkv_heads(modulate(layer_norm(img), im[0], im[1]))
         qt, kt, vt = self.txt_attn.qkv_heads(modulate(layer_norm(txt), tm[0], tm[1]))
         q = apply_rope(jnp.concatenate([qt, qi], 1), cos, sin)
@@ -87,9 +91,12 @@ class SingleBlock(nnx.Module):
         self.k_norm = RMSNorm(cfg.head_dim, **kw)
         self.linear2 = Linear(d + cfg.mlp_hidden, d, axes=("mlp", "embed"), **kw)
 
-    def __call__(self, x, vec, cos, sin):
+    def modulations(self, vec):
+        return self.modulation.project(vec)
+
+    def __call__(self, x, mods, cos, sin):
         x = constrain(x, TOKENS)
-        shift, scale, gate = self.modulation(vec)
+        shift, scale, gate = self.modulation.split(mods)
         h = self.linear1(modulate(layer_norm(x), shift, scale))
         qkv, mlp = h[..., :3 * self.hidden], h[..., 3 * self.hidden:]
         qkv = checkpoint_name(qkv, "qkv")
@@ -160,10 +167,10 @@ class Flux(nnx.Module):
         cos, sin = rope_tables(txt.shape[1], hh // 2, ww // 2, cfg.axes_dim, cfg.theta)
 
         if self.double_blocks is not None:
-            txt, img = self.double_blocks((txt, img), vec, cos, sin, remat=remat)
+            txt, img = self.double_blocks((txt, img), cos, sin, cond=vec, remat=remat)
         n_txt = txt.shape[1]
         x = jnp.concatenate([txt, img], axis=1)
         if self.single_blocks is not None:
-            x = self.single_blocks(x, vec, cos, sin, remat=remat)
+            x = self.single_blocks(x, cos, sin, cond=vec, remat=remat)
         img = x[:, n_txt:]  # text tokens are dropped: only image tokens are predicted
         return unpack(self.final_layer(img, vec), hh, ww)

@@ -90,11 +90,15 @@ class JointBlock(nnx.Module):
         self.x_block = Stream(cfg, 9 if dual else 6, False, param_dtype=param_dtype, rngs=rngs)
         self.attn2 = SelfAttention(cfg, param_dtype=param_dtype, rngs=rngs) if dual else None
 
-    def __call__(self, carry, c):
+    def modulations(self, c):
+        """Both streams' adaLN projections of the conditioning vector (see `Stack`)."""
+        return self.x_block.mod.project(c), self.context_block.mod.project(c)
+
+    def __call__(self, carry, mods):
         ctx, x = (constrain(t, TOKENS) for t in carry)  # tokens split over "sequence" when it is > 1
         # x chunks: shift/scale/gate (msa), shift/scale/gate (mlp)[, shift/scale/gate (msa2)]
-        xm = self.x_block.mod(c)
-        cm = self.context_block.mod(c)
+        xm = self.x_block.mod.split(mods[0])
+        cm = self.context_block.mod.split(mods[1])
         x_norm = layer_norm(x)
         qx, kx, vx = self.x_block.attn(modulate(x_norm, xm[0], xm[1]))
         qc, kc, vc = self.context_block.attn(modulate(layer_norm(ctx), cm[0], cm[1]))
@@ -170,7 +174,7 @@ class MMDiT(nnx.Module):
             raise MMDiTError(f"skip_layers {bad} outside blocks 0..{cfg.num_layers - 1}")
         for group, (_, idx) in zip(self.groups, cfg.groups()):
             skip = [i in skip_layers for i in idx] if skip_layers else None
-            ctx, x = group((ctx, x), c, remat=remat, skip=skip)
+            ctx, x = group((ctx, x), cond=c, remat=remat, skip=skip)
         x = self.final_layer(x, c)
         x = x.reshape(b, h, w, p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
         return x.reshape(b, hh, ww, cfg.out_channels)
