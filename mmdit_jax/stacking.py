@@ -61,7 +61,10 @@ class Stack(nnx.Module):
                 return nnx.merge(graphdef, xs)(c, *args)
         else:
             graphdef, adaln, state = nnx.split(self.blocks, _in_modulation(self.blocks), ...)
-            mods = jax.vmap(lambda a, s: nnx.merge(graphdef, a, s).modulations(cond))(adaln, state)
+            # cond is repeated per layer so the product is a batched matmul on the kernels as stored; with
+            # cond shared, XLA first transposes every stacked kernel (and its gradient) on CPU
+            conds = jax.numpy.broadcast_to(cond, (self.n,) + cond.shape)
+            mods = jax.vmap(lambda a, s, c: nnx.merge(graphdef, a, s).modulations(c))(adaln, state, conds)
             # inside the scan the adaLN variables are only shapes: nothing reads them there
             hollow = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), adaln)
             state = (state, mods)
