@@ -36,6 +36,13 @@ def comparisons(quick: bool) -> list[tuple[str, list[str]]]:
         ("train", ["train_step.py", "--case", "flux", "--reps", r(5, 2)]),
         ("sampling", ["sampling_loop.py", "--case", "sd3", "--steps", r(8, 3), "--reps", r(2, 1)]),
         ("sampling", ["sampling_loop.py", "--case", "flux", "--steps", r(8, 3), "--reps", r(2, 1)]),
+        # the overhead-bound regime: same layouts at width 128 over 96 tokens
+        ("forward", ["transformer_forward.py", "--case", "sd3-tiny", "--reps", r(15, 3)]),
+        ("forward", ["transformer_forward.py", "--case", "flux-tiny", "--reps", r(15, 3)]),
+        ("train", ["train_step.py", "--case", "sd3-tiny", "--reps", r(15, 2)]),
+        ("train", ["train_step.py", "--case", "flux-tiny", "--reps", r(15, 2)]),
+        ("sampling", ["sampling_loop.py", "--case", "sd3-tiny", "--steps", r(8, 3), "--reps", r(5, 1)]),
+        ("sampling", ["sampling_loop.py", "--case", "flux-tiny", "--steps", r(8, 3), "--reps", r(5, 1)]),
         ("vae", ["vae_decode.py", "--reps", r(5, 2)]),
         ("text", ["text_encode.py", "--reps", r(7, 3)]),
         ("compile", ["compile_time.py", "--preset", "sd3-medium", "--depths", "2,24", "--repeats", "1"]),

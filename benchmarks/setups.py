@@ -38,6 +38,17 @@ CASES = {
         patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=128,
         num_attention_heads=4, joint_attention_dim=512, pooled_projection_dim=256, guidance_embeds=True,
         axes_dims_rope=(16, 56, 56))),
+    # the same layouts at width 128 (2 heads of 64) over 64 image + 32 text tokens: per-operation
+    # overhead, not matmul throughput, sets the time here (the regime of small models and of sampling
+    # small images, where eager dispatch costs most)
+    "sd3-tiny": Case("sd3", 2, 16, 16, 32, dict(
+        sample_size=16, patch_size=2, in_channels=16, num_layers=4, attention_head_dim=64,
+        num_attention_heads=2, joint_attention_dim=128, caption_projection_dim=128,
+        pooled_projection_dim=64, out_channels=16, pos_embed_max_size=16)),
+    "flux-tiny": Case("flux", 2, 16, 16, 32, dict(
+        patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=64,
+        num_attention_heads=2, joint_attention_dim=128, pooled_projection_dim=64, guidance_embeds=True,
+        axes_dims_rope=(8, 28, 28))),
 }
 
 
