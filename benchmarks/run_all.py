@@ -28,21 +28,15 @@ BEGIN, END = "<!-- run_all.py: begin -->", "<!-- run_all.py: end -->"
 
 def comparisons(quick: bool) -> list[tuple[str, list[str]]]:
     r = (lambda full, fast: str(fast if quick else full))
-    return [
-        ("peak", ["matmul_peak.py", "--reps", r(9, 3)]),
-        ("forward", ["transformer_forward.py", "--case", "sd3", "--reps", r(7, 3)]),
-        ("forward", ["transformer_forward.py", "--case", "flux", "--reps", r(7, 3)]),
-        ("train", ["train_step.py", "--case", "sd3", "--reps", r(5, 2)]),
-        ("train", ["train_step.py", "--case", "flux", "--reps", r(5, 2)]),
-        ("sampling", ["sampling_loop.py", "--case", "sd3", "--steps", r(8, 3), "--reps", r(2, 1)]),
-        ("sampling", ["sampling_loop.py", "--case", "flux", "--steps", r(8, 3), "--reps", r(2, 1)]),
-        # the overhead-bound regime: same layouts at width 128 over 96 tokens
-        ("forward", ["transformer_forward.py", "--case", "sd3-tiny", "--reps", r(15, 3)]),
-        ("forward", ["transformer_forward.py", "--case", "flux-tiny", "--reps", r(15, 3)]),
-        ("train", ["train_step.py", "--case", "sd3-tiny", "--reps", r(15, 2)]),
-        ("train", ["train_step.py", "--case", "flux-tiny", "--reps", r(15, 2)]),
-        ("sampling", ["sampling_loop.py", "--case", "sd3-tiny", "--steps", r(8, 3), "--reps", r(5, 1)]),
-        ("sampling", ["sampling_loop.py", "--case", "flux-tiny", "--steps", r(8, 3), "--reps", r(5, 1)]),
+    todo = [("peak", ["matmul_peak.py", "--reps", r(9, 3)])]
+    # (cases, repetitions of forward / train / sampling): the small configurations, then the tiny ones
+    # (width 128 over 96 tokens: the overhead-bound regime), which are cheap enough for more repetitions
+    for cases, (fwd, train, sampling) in ((("sd3", "flux"), (7, 5, 2)), (("sd3-tiny", "flux-tiny"), (15, 15, 5))):
+        todo += [("forward", ["transformer_forward.py", "--case", c, "--reps", r(fwd, 3)]) for c in cases]
+        todo += [("train", ["train_step.py", "--case", c, "--reps", r(train, 2)]) for c in cases]
+        todo += [("sampling", ["sampling_loop.py", "--case", c, "--steps", r(8, 3), "--reps", r(sampling, 1)])
+                 for c in cases]
+    return todo + [
         ("vae", ["vae_decode.py", "--reps", r(5, 2)]),
         ("text", ["text_encode.py", "--reps", r(7, 3)]),
         ("compile", ["compile_time.py", "--preset", "sd3-medium", "--depths", "2,24", "--repeats", "1"]),
