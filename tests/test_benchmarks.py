@@ -111,3 +111,14 @@ def test_target_status_reports_the_bound_the_matmul_rate_puts_on_the_speed_up():
     assert "1.40x diffusers eager (target 1.2x: met)" in t and "utilisation" not in t.split("faster here")[1]
     rows = run_all.table([fwd])
     assert rows[2].count("|") == rows[0].count("|") and "| 67% | 1.50x |" in rows[2]
+
+
+def test_trainer_step_peak_and_full_preset():
+    import trainer_step
+
+    assert trainer_step.device_peak("bfloat16", 123.0) == (123e12, "--peak_tflops")
+    flops, source = trainer_step.device_peak("float32")  # CPU: measured, and a plausible rate
+    assert source == "measured float32 matmul rate" and 1e9 < flops < 1e14
+    assert trainer_step.narrowed("flux-dev", 0, 4) == mj.preset("flux-dev")
+    small = trainer_step.narrowed("sd3.5-medium", 3, 2)
+    assert (small.num_layers, small.num_heads, small.dual_attention_layers) == (3, 2, (0, 1))
