@@ -49,6 +49,12 @@ CASES = {
         patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=64,
         num_attention_heads=2, joint_attention_dim=128, pooled_projection_dim=64, guidance_embeds=True,
         axes_dims_rope=(8, 28, 28))),
+    # FLUX.1-dev as released (random weights), one 1024x1024 image (128x128 latent), 512 T5 tokens: the
+    # GPU case (--dtype bfloat16 --torch_device cuda); about 24 GB of weights on each side
+    "flux-dev-1024": Case("flux", 1, 128, 128, 512, dict(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56))),
 }
 
 
