@@ -38,17 +38,6 @@ CASES = {
         patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=128,
         num_attention_heads=4, joint_attention_dim=512, pooled_projection_dim=256, guidance_embeds=True,
         axes_dims_rope=(16, 56, 56))),
-    # the same layouts at width 128 (2 heads of 64) over 64 image + 32 text tokens: per-operation
-    # overhead, not matmul throughput, sets the time here (the regime of small models and of sampling
-    # small images, where eager dispatch costs most)
-    "sd3-tiny": Case("sd3", 2, 16, 16, 32, dict(
-        sample_size=16, patch_size=2, in_channels=16, num_layers=4, attention_head_dim=64,
-        num_attention_heads=2, joint_attention_dim=128, caption_projection_dim=128,
-        pooled_projection_dim=64, out_channels=16, pos_embed_max_size=16)),
-    "flux-tiny": Case("flux", 2, 16, 16, 32, dict(
-        patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=64,
-        num_attention_heads=2, joint_attention_dim=128, pooled_projection_dim=64, guidance_embeds=True,
-        axes_dims_rope=(8, 28, 28))),
     # FLUX.1-dev as released (random weights), one 1024x1024 image (128x128 latent), 512 T5 tokens: the
     # GPU case (--dtype bfloat16 --torch_device cuda); about 24 GB of weights on each side
     "flux-dev-1024": Case("flux", 1, 128, 128, 512, dict(
@@ -56,6 +45,20 @@ CASES = {
         num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
         axes_dims_rope=(16, 56, 56))),
 }
+
+
+def _tiny(case: Case, **overrides) -> Case:
+    """The same layout at width 128 (2 heads of 64) over 64 image + 32 text tokens: per-operation
+    overhead, not matmul throughput, sets the time here (the regime of small models and of sampling
+    small images, where eager dispatch costs most)."""
+    kw = {**case.diffusers_kwargs, "attention_head_dim": 64, "num_attention_heads": 2,
+          "joint_attention_dim": 128, "pooled_projection_dim": 64, **overrides}
+    return dataclasses.replace(case, height=16, width=16, txt_tokens=32, diffusers_kwargs=kw)
+
+
+CASES["sd3-tiny"] = _tiny(CASES["sd3"], num_layers=4, caption_projection_dim=128, sample_size=16,
+                          pos_embed_max_size=16)
+CASES["flux-tiny"] = _tiny(CASES["flux"], num_layers=2, num_single_layers=2, axes_dims_rope=(8, 28, 28))
 
 
 def torch_transformer(case: Case, seed: int = 0, std: float = 0.02):
