@@ -210,3 +210,11 @@ def test_toy_kind_encodes_the_toy_source(sd3, ref, monkeypatch):
             ctx, pooled = enc([e["caption"] for e in examples], max_sequence_length=N_SEQ)
             assert max_rel_err(batch["latents"], vae.encode(pixels)) < 1e-6
             assert max_rel_err(batch["context"], ctx) < 1e-6 and max_rel_err(batch["pooled"], pooled) < 1e-6
+        assert data.stats()["examples"] == 15  # a finite source reports its count (this process's half)
+
+
+def test_toy_kind_reports_its_endless_source_as_such(sd3):
+    # the real toy source is 2**31 - 1 indices long, each a distinct drawn example: no count to print
+    cfg = DataConfig(kind="toy", resolution=32, max_sequence_length=N_SEQ)
+    data = make_train_data(cfg, batch_size=2, seed=11, encoders_path=sd3)
+    assert data.stats()["examples"] == "endless (drawn per index)"

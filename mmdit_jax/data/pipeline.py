@@ -176,7 +176,7 @@ class TrainData:
     def stats(self) -> dict:
         """Counters: `skipped` (distinct unreadable files: at the folder scan, which covers the whole folder,
         plus those met while loading this process's shard), `skip_events`, `batches`, and kind-specific
-        notes (uncaptioned images, dropped buckets)."""
+        notes (uncaptioned images, dropped buckets; the toy world's endless source replaces `examples`)."""
         return {"skipped": len(self._scan_skipped) + len(self._skipped),
                 "skipped_at_scan": len(self._scan_skipped), "skipped_at_load": len(self._skipped),
                 "skip_events": self._skip_events, "batches": self._step,
@@ -263,6 +263,8 @@ def make_train_data(cfg: DataConfig, *, batch_size: int, seed: int, encoders_pat
             raise MMDiTError(f"toy dataset of {counts[0]} examples cannot be shared by {n_proc} processes")
         load = functools.partial(_load_toy, source=source, shape=shapes[0], **aug)
         streams = [_Stream(range(p, counts[0], n_proc), load, _seed(seed, 100), cfg.shuffle, threads, buffer)]
+        if getattr(source, "endless", False):
+            notes["examples"] = "endless (drawn per index)"
     else:  # folder
         scan = scan_folder(cfg.path, cfg.caption_ext)
         scan_skipped = scan.skipped

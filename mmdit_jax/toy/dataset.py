@@ -151,6 +151,7 @@ class ToyShapes:
         if resolution < 16 or resolution % 8:
             raise MMDiTError(f"toy resolution must be a multiple of 8, at least 16; got {resolution}")
         self.resolution, self.seed, self.length = int(resolution), int(seed), int(length)
+        self.endless = self.length == LENGTH  # for the data pipeline's stats: no example count to report
 
     def __len__(self) -> int:
         return self.length
