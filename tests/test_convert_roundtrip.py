@@ -4,6 +4,7 @@ VAE, BFL FLUX file; float32 and bfloat16), and diffusers' from_single_file reads
 import json
 import os
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -111,3 +112,28 @@ def test_diffusers_from_single_file_reads_the_original_export(sd3, tmp_path):
         assert sorted(st) == sorted(ref)
         for k in ref:  # what the bf16 checkpoint holds: the reference rounded once
             assert torch.equal(st[k], ref[k].to(torch.bfloat16).float()), (name, k)
+
+
+def test_export_of_a_guidance_distilled_sd3_says_what_the_references_cannot_read(sd3, tmp_path):
+    """The student's guidance embedder has no counterpart in diffusers' or SAI's SD3: the export keeps it
+    (mmdit-jax reads it back, bit for bit) and says so, rather than leaving a file that silently loads
+    as an undistilled model elsewhere."""
+    import dataclasses
+
+    import mmdit_jax as mj
+    from mmdit_jax.training.modes import with_guidance_embedder
+
+    _, root = sd3
+    convert(str(root / "pipe" / "transformer"), str(tmp_path / "teacher"))
+    teacher = mj.load_transformer(str(tmp_path / "teacher"))
+    assert export(str(tmp_path / "teacher"), str(tmp_path / "plain"), "diffusers")["notes"] == []
+    cfg = dataclasses.replace(teacher.config, guidance_embed=True)
+    student = mj.Transformer(cfg, with_guidance_embedder(cfg, teacher.params, 0))
+    mj.save_transformer(student, str(tmp_path / "student"))
+    for to in ("diffusers", "original"):
+        notes = export(str(tmp_path / "student"), str(tmp_path / to), to)["notes"]
+        assert len(notes) == 1 and "g_embedder" in notes[0] and "only mmdit-jax" in notes[0], notes
+    back = mj.load_transformer(str(tmp_path / "diffusers"))
+    assert back.config.guidance_embed
+    for a, b in zip(jax.tree.leaves(student.params), jax.tree.leaves(back.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

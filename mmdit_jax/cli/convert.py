@@ -49,6 +49,8 @@ def main(argv) -> None:
             res = export(FLAGS.src, FLAGS.out, FLAGS.to, FLAGS.dtype, tokenizers=FLAGS.tokenizers,
                          max_shard_bytes=FLAGS.max_shard_mb * 10**6)
             print(f"mmdit-convert: wrote {FLAGS.to} layout to {res['out']} ({', '.join(res['written'])})")
+            for note in res["notes"]:
+                print(f"mmdit-convert: note: {note}")
         else:
             from mmdit_jax.convert.to_orbax import convert
 

@@ -239,4 +239,17 @@ def export(src, out, to: str = "diffusers", dtype: str | None = None, *, tokeniz
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"out": out, "to": to, "written": files, "source": found.origin}
+    return {"out": out, "to": to, "written": files, "source": found.origin, "notes": _notes(found, to)}
+
+
+def _notes(found, to: str) -> list[str]:
+    """What the written files hold that the reference code will not read."""
+    notes = []
+    for job in found.models:
+        cfg = job.weights.config
+        if getattr(cfg, "family", None) == "sd3" and getattr(cfg, "guidance_embed", False):
+            where = "diffusers' SD3Transformer2DModel" if to == "diffusers" else "Stability AI's sd3 code"
+            notes.append(f"{job.name}: this guidance-distilled SD3-family model keeps its guidance embedder "
+                         f"(g_embedder) and config 'guidance_embeds'; {where} has no such layer and will drop "
+                         f"or reject them, so only mmdit-jax loads this export as distilled")
+    return notes
