@@ -49,15 +49,13 @@ def main(argv) -> None:
             res = export(FLAGS.src, FLAGS.out, FLAGS.to, FLAGS.dtype, tokenizers=FLAGS.tokenizers,
                          max_shard_bytes=FLAGS.max_shard_mb * 10**6)
             print(f"mmdit-convert: wrote {FLAGS.to} layout to {res['out']} ({', '.join(res['written'])})")
-            for note in res["notes"]:
-                print(f"mmdit-convert: note: {note}")
         else:
             from mmdit_jax.convert.to_orbax import convert
 
-            rec = convert(FLAGS.src, FLAGS.out, FLAGS.dtype or "float32", FLAGS.tokenizers)
-            print(f"mmdit-convert: wrote {FLAGS.out} ({', '.join(rec['components'])}) in {rec['seconds']} s")
-            for note in rec["notes"]:
-                print(f"mmdit-convert: note: {note}")
+            res = convert(FLAGS.src, FLAGS.out, FLAGS.dtype or "float32", FLAGS.tokenizers)
+            print(f"mmdit-convert: wrote {FLAGS.out} ({', '.join(res['components'])}) in {res['seconds']} s")
+        for note in res["notes"]:
+            print(f"mmdit-convert: note: {note}")
     except MMDiTError as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except OSError as e:  # disk full, permissions: name the path, no traceback
