@@ -29,9 +29,11 @@ BEGIN, END = "<!-- run_all.py: begin -->", "<!-- run_all.py: end -->"
 def comparisons(quick: bool) -> list[tuple[str, list[str]]]:
     r = (lambda full, fast: str(fast if quick else full))
     todo = [("peak", ["matmul_peak.py", "--reps", r(9, 3)])]
-    # (cases, repetitions of forward / train / sampling): the small configurations, then the tiny ones
-    # (width 128 over 96 tokens: the overhead-bound regime), which are cheap enough for more repetitions
-    for cases, (fwd, train, sampling) in ((("sd3", "flux"), (7, 5, 2)), (("sd3-tiny", "flux-tiny"), (15, 15, 5))):
+    # (cases, repetitions of forward / train / sampling): the small configurations (width 512 over 512
+    # tokens), then mid (width 256 over 256) and tiny (width 128 over 96: the overhead-bound regime), so
+    # the table shows how the ratios move with size; the smaller ones are cheap enough for more repetitions
+    for cases, (fwd, train, sampling) in ((("sd3", "flux"), (7, 5, 2)), (("sd3-mid", "flux-mid"), (9, 7, 3)),
+                                          (("sd3-tiny", "flux-tiny"), (15, 15, 5))):
         todo += [("forward", ["transformer_forward.py", "--case", c, "--reps", r(fwd, 3)]) for c in cases]
         todo += [("train", ["train_step.py", "--case", c, "--reps", r(train, 2)]) for c in cases]
         todo += [("sampling", ["sampling_loop.py", "--case", c, "--steps", r(8, 3), "--reps", r(sampling, 1)])

@@ -47,18 +47,24 @@ CASES = {
 }
 
 
-def _tiny(case: Case, **overrides) -> Case:
-    """The same layout at width 128 (2 heads of 64) over 64 image + 32 text tokens: per-operation
-    overhead, not matmul throughput, sets the time here (the regime of small models and of sampling
-    small images, where eager dispatch costs most)."""
-    kw = {**case.diffusers_kwargs, "attention_head_dim": 64, "num_attention_heads": 2,
-          "joint_attention_dim": 128, "pooled_projection_dim": 64, **overrides}
-    return dataclasses.replace(case, height=16, width=16, txt_tokens=32, diffusers_kwargs=kw)
+def _smaller(case: Case, heads: int, height: int, width: int, txt_tokens: int, **overrides) -> Case:
+    """The same layout with `heads` heads of 64 (text and pooled widths scaled alike) over a smaller
+    latent and text: per-operation overhead weighs more the smaller the model, which is the regime of
+    small models and of sampling small images, where eager dispatch costs most."""
+    d = 64 * heads
+    kw = {**case.diffusers_kwargs, "attention_head_dim": 64, "num_attention_heads": heads,
+          "joint_attention_dim": d, "pooled_projection_dim": d // 2, **overrides}
+    return dataclasses.replace(case, height=height, width=width, txt_tokens=txt_tokens, diffusers_kwargs=kw)
 
 
-CASES["sd3-tiny"] = _tiny(CASES["sd3"], num_layers=4, caption_projection_dim=128, sample_size=16,
-                          pos_embed_max_size=16)
-CASES["flux-tiny"] = _tiny(CASES["flux"], num_layers=2, num_single_layers=2, axes_dims_rope=(8, 28, 28))
+# tiny: width 128 over 64 image + 32 text tokens (overhead-bound); mid: width 256 over 192 + 64 tokens
+CASES["sd3-tiny"] = _smaller(CASES["sd3"], 2, 16, 16, 32, num_layers=4, caption_projection_dim=128,
+                             sample_size=16, pos_embed_max_size=16)
+CASES["flux-tiny"] = _smaller(CASES["flux"], 2, 16, 16, 32, num_layers=2, num_single_layers=2,
+                              axes_dims_rope=(8, 28, 28))
+CASES["sd3-mid"] = _smaller(CASES["sd3"], 4, 24, 32, 64, caption_projection_dim=256, sample_size=32,
+                            pos_embed_max_size=32)
+CASES["flux-mid"] = _smaller(CASES["flux"], 4, 24, 32, 64, axes_dims_rope=(8, 28, 28))
 
 
 def torch_transformer(case: Case, seed: int = 0, std: float = 0.02):
