@@ -108,14 +108,13 @@ def main():
             for t in timesteps:
                 if case.layout == "sd3":
                     inp = torch.cat([lat, lat])
-                    v_un, v_c = net(hidden_states=inp, encoder_hidden_states=t_ctx,
-                                          pooled_projections=t_pooled, timestep=t.to(tdev).expand(inp.shape[0]),
-                                          return_dict=False)[0].chunk(2)
+                    v_un, v_c = net(hidden_states=inp, encoder_hidden_states=t_ctx, pooled_projections=t_pooled,
+                                    timestep=t.to(tdev).expand(inp.shape[0]), return_dict=False)[0].chunk(2)
                     v = v_un + cfg_scale * (v_c - v_un)
                 else:
                     v = net(hidden_states=lat, encoder_hidden_states=t_ctx, pooled_projections=t_pooled,
-                                  timestep=t.to(tdev).expand(n) / 1000, guidance=t_guid, img_ids=img_ids, txt_ids=txt_ids,
-                                  return_dict=False)[0]
+                            timestep=t.to(tdev).expand(n) / 1000, guidance=t_guid, img_ids=img_ids,
+                            txt_ids=txt_ids, return_dict=False)[0]
                 lat = sched.step(v, t, lat, return_dict=False)[0]
         lat = lat.float().cpu()  # also waits for the device
         if case.layout == "sd3":
