@@ -26,6 +26,11 @@ setup(
         "tensorboardX",  # training scalars and sample grids
     ],
     extras_require={
+        # Accelerator builds of JAX; the plain install stays CPU-only. "cuda" follows JAX's current CUDA
+        # major version; "cuda12" is for drivers that predate it.
+        "cuda": ["jax[cuda13]>=0.7"],
+        "cuda12": ["jax[cuda12]>=0.7"],
+        "tpu": ["jax[tpu]>=0.7"],
         "test": [
             "torch==2.13.0",  # CPU build; oracle only
             "diffusers",
@@ -41,6 +46,7 @@ setup(
             "mmdit-sample=mmdit_jax.cli.sample:run",
             "mmdit-train=mmdit_jax.cli.train:run",
             "mmdit-precompute=mmdit_jax.cli.precompute:run",
+            "mmdit-info=mmdit_jax.info:run",
         ],
     },
 )
