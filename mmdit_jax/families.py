@@ -76,7 +76,7 @@ def detect(tensors: Mapping, config: dict | None, origin: str):
         fam = family_of_diffusers_config(config, origin)
         layout = fam.detect_layout(list(tensors))
         if layout != "diffusers":
-            raise MMDiTError(f"{origin}: weights are not in the diffusers {cls} key layout")
+            raise MMDiTError(f"{origin}: weights are not in the diffusers {fam.diffusers_class} key layout")
         return fam, layout, tensors
     keys = list(tensors)
     for prefix in SINGLE_FILE_PREFIXES:

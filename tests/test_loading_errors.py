@@ -79,6 +79,18 @@ def test_unknown_family(tmp_path):
         mj.load_transformer(str(cfg))
 
 
+def test_diffusers_config_over_original_keys(folder, tmp_path):
+    """A diffusers config.json beside weights in SAI's key layout is refused by name, not loaded."""
+    out = tmp_path / "mixed"
+    out.mkdir()
+    (out / "config.json").write_text((folder / "config.json").read_text())
+    save_file({"x_embedder.proj.weight": torch.zeros(4, 16, 2, 2),
+               "joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(12, 4)},
+              str(out / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(mj.MMDiTError, match="not in the diffusers SD3Transformer2DModel key layout"):
+        mj.load_transformer(str(out))
+
+
 def test_bad_dtype(folder):
     with pytest.raises(mj.MMDiTError, match="dtype 'float16' not supported"):
         mj.load_transformer(str(folder), dtype="float16")
