@@ -4,7 +4,7 @@ training log prints, in one place.
 A rate and an ETA appear only once they are measurable: the clock starts at the first unit done (what
 comes before it, compiling or opening files, is start-up, not speed), so the first line has neither.
 On a terminal the line is rewritten in place (carriage return), at most every TTY_EVERY seconds;
-anywhere else (a log file, CI) plain lines go out, at most one every `every` seconds, plus the last.
+anywhere else (a log file, CI) plain lines go out, at most one every LOG_EVERY seconds, plus the last.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import sys
 import time
 
 TTY_EVERY = 0.1  # seconds between redraws of a terminal line
+LOG_EVERY = 10.0  # seconds between lines anywhere else
 _clock = time.monotonic
 
 
@@ -62,20 +63,20 @@ def bytes_line(p: Progress) -> str:
 
 
 def conversion(total_bytes: int, stream=None) -> Progress:
-    """mmdit-convert's report: bytes over all components, a line a second, on stdout with its other
-    lines."""
-    return Progress("convert", max(int(total_bytes), 1), every=1.0, line=bytes_line,
+    """mmdit-convert's report: bytes over all components, on stdout with its other lines."""
+    return Progress("convert", max(int(total_bytes), 1), line=bytes_line,
                     stream=stream if stream is not None else sys.stdout)
 
 
 class Progress:
     """`done` of `total` units, reported through `line(self)` to `stream` (stderr when None, looked up
-    at each write). `delay`: nothing is shown in the first `delay` seconds (quick loops stay quiet).
+    at each write), a plain line at most every `every` seconds when that is not a terminal. `delay`:
+    nothing is shown in the first `delay` seconds (quick loops stay quiet).
     `update(n)` adds n units (extra keywords go to `info` for the line), `tick(i)` marks 0-based step i
     done (a jitted loop's host callback), `say(msg)` prints a message line, `close()` ends the report
     with its last line if anything was shown."""
 
-    def __init__(self, label: str = "", total: int = 0, *, unit: str = "", every: float = 5.0,
+    def __init__(self, label: str = "", total: int = 0, *, unit: str = "", every: float = LOG_EVERY,
                  delay: float = 0.0, stream=None, line=count_line):
         self.label, self.unit, self.every, self.delay, self.line = label, unit, every, delay, line
         self.stream = stream
@@ -89,7 +90,7 @@ class Progress:
         self.t0 = _clock()
         self._first = None  # (time, done) at the first unit done: where the rate is measured from
         self._last = None  # when a line was last written
-        self._final_at = None  # `done` when the last line written was a final one
+        self._final_at = None  # (done, info) when the last line written was a final one
         self._open = 0  # length of an unfinished terminal line (0: none)
 
     # -- measures ------------------------------------------------------------------------------------
@@ -148,13 +149,14 @@ class Progress:
     def _report(self, now: float, final: bool) -> None:
         if self._last is None and now - self.t0 < self.delay:
             return  # a loop done within `delay` says nothing
-        if final and self._final_at == self.done:
+        said = (self.done, sorted(self.info.items()))
+        if final and self._final_at == said:
             return  # already said
         stream = self._stream()
         tty = is_terminal(stream)
         if not final and self._last is not None and now - self._last < (TTY_EVERY if tty else self.every):
             return
-        self._last, self._final_at = now, self.done if final else None
+        self._last, self._final_at = now, said if final else None
         text = self.line(self)
         if tty:
             # pad over what is left of a longer previous line

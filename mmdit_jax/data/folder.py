@@ -60,7 +60,7 @@ def scan_folder(root: str, caption_ext: str = ".txt") -> FolderScan:
     if not files:
         raise MMDiTError(f"{root}: no images ({', '.join(IMAGE_EXTS)}) found")
     items, skipped, uncaptioned = [], {}, 0
-    progress = Progress(f"scanning {root}", len(files), unit="images", every=10.0, delay=10.0)
+    progress = Progress(f"scanning {root}", len(files), unit="images", delay=10.0)
     for path in files:
         key = os.path.relpath(path, root)
         try:

@@ -35,7 +35,7 @@ def precompute(src: str, encoders_path: str, out: str, *, resolution: int = 256,
                             min_bucket_size)
     skipped = dict(scan.skipped)
     writer = RecordWriter(out, overwrite=overwrite, dtype=store_dtype)
-    progress = Progress("precompute", len(scan.items), unit="images", every=2.0, stream=stream)
+    progress = Progress("precompute", len(scan.items), unit="images", stream=stream)
     try:
         for b in sorted(set(assign)):  # the bucket order the on-the-fly pipeline uses
             members = [it for it, a in zip(scan.items, assign) if a == b]
