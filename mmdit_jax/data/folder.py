@@ -12,8 +12,8 @@ import os
 
 from PIL import Image, ImageOps
 
-from mmdit_jax.progress import Progress
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.progress import Progress
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height

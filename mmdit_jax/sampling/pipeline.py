@@ -20,11 +20,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.progress import Progress, step_line
 from mmdit_jax.sampling import schedules, solvers
 from mmdit_jax.sampling.denoise import make_denoise
 from mmdit_jax.sampling.guidance import SkipLayerGuidance
 from mmdit_jax.sampling.images import to_pil
-from mmdit_jax.progress import Progress, step_line
 
 SCHEDULES = ("diffusers", "bfl")
 OUTPUT_TYPES = ("pil", "np", "latent")
