@@ -148,17 +148,13 @@ def load_transformer(path, dtype="float32", *, mesh=None, shardings=None) -> Tra
 def save_transformer(model: Transformer, folder) -> None:
     """Writes `model` as an Orbax component folder (config.json + params/) that `load_transformer`
     restores directly. The folder must not exist yet; it appears only once complete."""
-    import json
     import os
-    import shutil
+
+    from mmdit_jax.io.files import atomic_folder, write_json
 
     folder = os.path.abspath(os.fspath(folder))
     if os.path.exists(folder):
         raise MMDiTError(f"{folder}: already exists; not overwriting")
-    tmp = folder + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(model.config.to_diffusers(), f, indent=2)
-    orbax_io.save_params(tmp, model.params)
-    os.replace(tmp, folder)
+    with atomic_folder(folder) as tmp:
+        write_json(os.path.join(tmp, "config.json"), model.config.to_diffusers())
+        orbax_io.save_params(tmp, model.params)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from mmdit_jax.sampling.images import read_png_metadata
 from sampling_tiny import nchw, sd3_pipeline
+from test_output_files import UMASK, wrong_modes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _run(*args):
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     return subprocess.run([sys.executable, os.path.join(ROOT, "sample", "sample.py"), *args], env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, umask=UMASK)
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +35,13 @@ def test_writes_reproducible_pngs_matching_diffusers(model, tmp_path):
             "--steps=3", "--guidance=4.0", "--seed=7", "--num_images=2", "--max_sequence_length=8"]
     res = _run(*args, f"--out={tmp_path / 'a'}")
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "step 3/3" in res.stderr  # progress
+    # progress into a pipe: plain lines, the first before any rate is measured, and the last
+    progress = [ln for ln in res.stderr.splitlines() if ln.startswith("sampling: ")]
+    assert "\r" not in res.stderr and "nan" not in res.stderr
+    assert progress[0] == "sampling: step 1/3" and progress[-1].startswith("sampling: step 3/3, ")
     files = sorted(os.listdir(tmp_path / "a"))
     assert len(files) == 2 and all(f.endswith(".png") for f in files)
+    assert wrong_modes(tmp_path / "a") == {}  # readable as the user's other new files
     meta = read_png_metadata(str(tmp_path / "a" / files[1]))
     assert meta["prompt"] == "a red cat" and meta["negative_prompt"] == "blue sky"
     assert (meta["seed"], meta["steps"], meta["guidance"], meta["index"]) == ("7", "3", "4.0", "1")

@@ -4,6 +4,7 @@ A few steps only: this checks the plumbing, benchmarks/RESULTS.md "Toy demo" has
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ from mmdit_jax.errors import MMDiTError
 from mmdit_jax.toy.dataset import held_out_specs
 from mmdit_jax.training import hooks
 from mmdit_jax.training.config import apply_overrides, load_config, validate
+from test_output_files import UMASK, wrong_modes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = ["--set=max_steps=4", "--set=batch_size=4", "--set=log.every=2", "--set=checkpoint.every=2",
@@ -27,7 +29,7 @@ def _train(workdir, config, *extra):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = subprocess.run([sys.executable, "-m", "mmdit_jax.cli.train", f"--config={config}",
                           f"--workdir={workdir}", *SHORT, *extra], env=env, capture_output=True, text=True,
-                         timeout=600)
+                         timeout=600, umask=UMASK)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     return res.stdout
 
@@ -78,6 +80,38 @@ def test_toy_eval_samples_the_workdir_through_pipeline(sd3_run):
     trained = jax.tree.leaves(mj.load_transformer(work).params)
     base = jax.tree.leaves(mj.load_transformer(os.path.join(work, "base")).params)
     assert max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(trained, base)) > 1e-6
+
+
+@pytest.mark.slow
+def test_workdir_files_get_the_umask_mode(sd3_run):
+    """Everything the run wrote (its base pipeline, checkpoints, metrics, TensorBoard events, sample and
+    eval PNGs, scores, the pipeline's JSON files) has the mode the run's umask gives a new file."""
+    work, _ = sd3_run
+    for p in ("base/transformer/config.json", "checkpoints", "metrics.jsonl", "train_config.json",
+              "transformer/checkpoint.json", "samples/step_00000004.png", "eval/grid.png", "eval/scores.json",
+              "eval/loss.png", "tensorboard"):
+        assert os.path.exists(os.path.join(work, p)), p
+    assert wrong_modes(work) == {}
+
+
+@pytest.mark.slow
+def test_moved_workdir_samples_the_same_pixels(sd3_run, tmp_path):
+    """The workdir's links into its own base/ are relative: a copy samples as the original did with
+    the original gone."""
+    work, _ = sd3_run
+    links = [os.readlink(os.path.join(work, n)) for n in os.listdir(work) if os.path.islink(os.path.join(work, n))]
+    assert len(links) >= 8 and not any(os.path.isabs(t) for t in links)
+    prompt = held_out_specs()[0].caption
+    kw = dict(seed=5, num_inference_steps=2, guidance_scale=3.0, output_type="np")
+    before = mj.Pipeline.from_pretrained(work)([prompt], **kw)
+    moved = str(tmp_path / "moved")
+    shutil.copytree(work, moved, symlinks=True)
+    os.rename(work, work + ".away")  # nothing may lead back to the original
+    try:
+        after = mj.Pipeline.from_pretrained(moved)([prompt], **kw)
+    finally:
+        os.rename(work + ".away", work)
+    np.testing.assert_array_equal(after, before)
 
 
 @pytest.mark.slow

@@ -13,19 +13,18 @@ written under `OUT.partial` and renamed at the end.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 
 import jax
 import numpy as np
 
 from mmdit_jax.convert.discover import Found, Job, discover
 from mmdit_jax.convert.pipelines import model_index
-from mmdit_jax.convert.progress import Progress
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.io import orbax_io, rules
+from mmdit_jax.io.files import atomic_folder, copy_tree, write_json
 from mmdit_jax.io.safetensors_io import SafetensorsWriter
+from mmdit_jax.progress import Progress, conversion
 
 MAX_SHARD_BYTES = 10 * 10**9  # diffusers' default max_shard_size ("10GB")
 FORMAT = {"format": "pt"}  # transformers refuses safetensors files without it
@@ -106,9 +105,9 @@ def _stream(job: Job, layout: str, files: _Files, progress: Progress, prefix: st
     for i, (path, arr) in enumerate(job.weights.stream(), 1):
         for key, t in rules.export_entry(by_path[tuple(path)], arr, layout, patch):
             files.write(prefix + key, t)
-        progress.update(job.name, arr.nbytes, i, count)
+        progress.update(arr.nbytes, component=job.name, index=i, count=count)
         del arr
-    progress.update(job.name, 0, count, count, force=True)
+    progress.update(0, force=True, component=job.name, index=count, count=count)
 
 
 def _shards(specs, stem: str, max_bytes: int):
@@ -136,9 +135,8 @@ def _shards(specs, stem: str, max_bytes: int):
 
 
 def _write_diffusers(job: Job, folder: str, progress: Progress, max_shard_bytes: int) -> None:
-    os.makedirs(folder)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(job.config_json, f, indent=2, sort_keys=True)
+    os.makedirs(folder, exist_ok=True)
+    write_json(os.path.join(folder, "config.json"), job.config_json, sort_keys=True)
     specs, _ = _specs(job, job.layout)
     stem = "model" if job.kind in ("clip", "t5") else "diffusion_pytorch_model"
     files, where, index = _shards(specs, stem, max_shard_bytes)
@@ -150,8 +148,7 @@ def _write_diffusers(job: Job, folder: str, progress: Progress, max_shard_bytes:
         out.abort()
         raise
     if index is not None:
-        with open(os.path.join(folder, f"{stem}.safetensors.index.json"), "w") as f:
-            json.dump(index, f, indent=2)
+        write_json(os.path.join(folder, f"{stem}.safetensors.index.json"), index)
 
 
 def _write_original(found: Found, folder: str, progress: Progress) -> list[str]:
@@ -206,12 +203,9 @@ def export(src, out, to: str = "diffusers", dtype: str | None = None, *, tokeniz
             _keep_saved_dtypes(job)
         job.weights.check()
     total = sum(sum(int(t.size) * t.dtype.itemsize for _, t in j.weights.leaves()) for j in found.models)
-    progress = progress or Progress(total)
+    progress = progress or conversion(total)
     progress.total = max(total, 1)
-    tmp = out + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with atomic_folder(out) as tmp:
         if to == "original":
             files = _write_original(found, tmp, progress)
         else:
@@ -221,24 +215,17 @@ def export(src, out, to: str = "diffusers", dtype: str | None = None, *, tokeniz
                 folder = tmp if single else os.path.join(tmp, job.name)
                 if job.kind == "files":
                     if job.copy_from is not None:
-                        shutil.copytree(job.copy_from, folder)
+                        copy_tree(job.copy_from, folder)
                     else:
-                        os.makedirs(folder)
+                        os.makedirs(folder, exist_ok=True)
                         for name, obj in job.files.items():
-                            with open(os.path.join(folder, name), "w") as f:
-                                json.dump(obj, f, indent=2)
+                            write_json(os.path.join(folder, name), obj)
                     continue
-                if single:
-                    os.rmdir(tmp)
                 _write_diffusers(job, folder, progress, max_shard_bytes)
                 files.append(job.name)
             if not single:
-                with open(os.path.join(tmp, "model_index.json"), "w") as f:
-                    json.dump(model_index(found.pipeline, {j.name: j.cls for j in found.jobs}), f, indent=2)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                write_json(os.path.join(tmp, "model_index.json"),
+                           model_index(found.pipeline, {j.name: j.cls for j in found.jobs}))
     return {"out": out, "to": to, "written": files, "source": found.origin, "notes": _notes(found, to)}
 
 

@@ -8,16 +8,15 @@ until then, removed on failure); nothing is written before every component was c
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
 
 from mmdit_jax.convert.discover import Found, Job, discover
 from mmdit_jax.convert.pipelines import model_index
-from mmdit_jax.convert.progress import Progress
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.io.files import atomic_folder, copy_tree, write_json
 from mmdit_jax.io.orbax_io import ParamsWriter
+from mmdit_jax.progress import Progress, conversion
 
 RECORD = "mmdit_convert.json"
 
@@ -27,13 +26,11 @@ def _nbytes(job: Job) -> int:
 
 
 def _write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+    write_json(path, obj, sort_keys=True)
 
 
 def _write_model(job: Job, folder: str, progress: Progress) -> int:
-    os.makedirs(folder)
+    os.makedirs(folder, exist_ok=True)
     _write_json(os.path.join(folder, "config.json"), job.config_json)
     writer = ParamsWriter(folder)
     count, i = len(job.weights.leaves()), 0
@@ -41,21 +38,21 @@ def _write_model(job: Job, folder: str, progress: Progress) -> int:
         for i, (_, arr) in enumerate(job.weights.stream(), 1):
             # one parameter at a time: handed to the writer, then dropped here
             writer.add(_, arr)
-            progress.update(job.name, arr.nbytes, i, count)
+            progress.update(arr.nbytes, component=job.name, index=i, count=count)
             del arr
         writer.close()
     except BaseException:
         writer.abort()
         raise
-    progress.update(job.name, 0, i, count, force=True)
+    progress.update(0, force=True, component=job.name, index=i, count=count)
     return count
 
 
 def _write_files(job: Job, folder: str) -> None:
     if job.copy_from is not None:
-        shutil.copytree(job.copy_from, folder)
+        copy_tree(job.copy_from, folder)
     else:
-        os.makedirs(folder)
+        os.makedirs(folder, exist_ok=True)
         for name, obj in job.files.items():
             _write_json(os.path.join(folder, name), obj)
 
@@ -84,15 +81,12 @@ def write_orbax(found: Found, out: str, dtype: str, progress: Progress | None = 
     for job in found.models:
         job.weights.check()  # names and shapes only: a bad source fails before anything is written
     total = sum(_nbytes(j) for j in found.models)
-    progress = progress or Progress(total)
+    progress = progress or conversion(total)
     progress.total = max(total, 1)
-    tmp = out + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     start = time.monotonic()
     record = {"source": os.path.abspath(found.origin), "dtype": dtype, "versions": _versions(),
               "pipeline": found.pipeline, "components": {}, "notes": found.notes}
-    try:
+    with atomic_folder(out) as tmp:
         single = found.pipeline is None
         for job in found.jobs:
             folder = tmp if single else os.path.join(tmp, job.name)
@@ -103,8 +97,6 @@ def write_orbax(found: Found, out: str, dtype: str, progress: Progress | None = 
                 continue
             progress.say(f"[{job.name}] {job.weights.origin} -> {len(job.weights.leaves())} arrays, "
                          f"{_nbytes(job) / 2**30:.2f} GB at {dtype}")
-            if single:
-                os.rmdir(tmp)
             n = _write_model(job, folder, progress)
             record["components"][job.name] = {"origin": job.weights.origin, "kind": job.kind,
                                               "layout": job.weights.layout or "orbax", "arrays": n,
@@ -114,10 +106,6 @@ def write_orbax(found: Found, out: str, dtype: str, progress: Progress | None = 
                         model_index(found.pipeline, {j.name: j.cls for j in found.jobs}))
         record["seconds"] = round(time.monotonic() - start, 1)
         _write_json(os.path.join(tmp, RECORD), record)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return record
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shutil
 
 import ml_dtypes
 import msgpack
@@ -18,6 +17,7 @@ import numpy as np
 
 from mmdit_jax.data.encode import TextSegment
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.io.files import AtomicFolder, write_json
 
 FORMAT = "mmdit-jax precomputed latents v1"
 META = "meta.json"
@@ -66,10 +66,8 @@ class RecordWriter:
         self.out = os.path.abspath(out)
         if os.path.exists(self.out) and not overwrite:
             raise MMDiTError(f"{out}: output already exists (pass --overwrite to replace it)")
-        self.overwrite = overwrite
-        self.tmp = f"{self.out}.partial-{os.getpid()}"
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        os.makedirs(self.tmp)
+        self.folder = AtomicFolder(self.out)
+        self.tmp = self.folder.tmp
         self.writers, self.buckets = {}, {}
 
     def add(self, pixels, key: str, caption: str, latents, context, pooled):
@@ -98,22 +96,15 @@ class RecordWriter:
         meta = dict(meta, format=FORMAT, buckets=list(self.buckets.values()))  # in the order written
         save_file({"context": np.asarray(null_text[0], _F32), "pooled": np.asarray(null_text[1], _F32)},
                   os.path.join(self.tmp, NULL_TEXT))
-        with open(os.path.join(self.tmp, META), "w") as f:
-            json.dump(meta, f, indent=1)
-        if os.path.exists(self.out):
-            old = f"{self.out}.old-{os.getpid()}"
-            os.replace(self.out, old)
-            os.replace(self.tmp, self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.out)
+        write_json(os.path.join(self.tmp, META), meta, indent=1)
+        self.folder.commit()
         return meta
 
     def abort(self):
         for w in self.writers.values():
             w.close()
         self.writers = {}
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.folder.abort()
 
 
 class RecordSet:

@@ -12,8 +12,8 @@ import os
 
 from PIL import Image, ImageOps
 
-from mmdit_jax.data.progress import Progress
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.progress import Progress
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
@@ -60,7 +60,7 @@ def scan_folder(root: str, caption_ext: str = ".txt") -> FolderScan:
     if not files:
         raise MMDiTError(f"{root}: no images ({', '.join(IMAGE_EXTS)}) found")
     items, skipped, uncaptioned = [], {}, 0
-    progress = Progress(f"scanning {root}", len(files), every=10.0, delay=10.0)
+    progress = Progress(f"scanning {root}", len(files), unit="images", delay=10.0)
     for path in files:
         key = os.path.relpath(path, root)
         try:
@@ -74,6 +74,7 @@ def scan_folder(root: str, caption_ext: str = ".txt") -> FolderScan:
             caption, uncaptioned = None, uncaptioned + 1
         items.append(FolderItem(key, path, caption, h, w))
         progress.update()
+    progress.close()
     return FolderScan(items, skipped, uncaptioned)
 
 

@@ -11,8 +11,8 @@ from mmdit_jax.data import buckets as bk
 from mmdit_jax.data.arrayrecord import RecordWriter
 from mmdit_jax.data.encode import load_encoders
 from mmdit_jax.data.folder import BAD_IMAGE, read_caption, read_image, scan_folder
-from mmdit_jax.data.progress import Progress
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.progress import Progress
 
 
 def precompute(src: str, encoders_path: str, out: str, *, resolution: int = 256, buckets: bool = True,
@@ -35,7 +35,7 @@ def precompute(src: str, encoders_path: str, out: str, *, resolution: int = 256,
                             min_bucket_size)
     skipped = dict(scan.skipped)
     writer = RecordWriter(out, overwrite=overwrite, dtype=store_dtype)
-    progress = Progress("precompute", len(scan.items), stream=stream)
+    progress = Progress("precompute", len(scan.items), unit="images", stream=stream)
     try:
         for b in sorted(set(assign)):  # the bucket order the on-the-fly pipeline uses
             members = [it for it, a in zip(scan.items, assign) if a == b]

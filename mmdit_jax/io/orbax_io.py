@@ -210,7 +210,7 @@ class ParamsWriter:
         os.rename(os.path.join(self.work, "state"), self.final)
         meta = os.path.join(self.work, "_CHECKPOINT_METADATA")
         if os.path.isfile(meta):  # where StandardCheckpointer keeps it (Orbax warns without it)
-            shutil.copy(meta, os.path.join(self.final, "_CHECKPOINT_METADATA"))
+            shutil.copyfile(meta, os.path.join(self.final, "_CHECKPOINT_METADATA"))
         shutil.rmtree(self.work)
 
     def abort(self) -> None:

@@ -15,6 +15,7 @@ import ml_dtypes
 import numpy as np
 
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.io.files import AtomicFile
 
 DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -126,10 +127,11 @@ class SafetensorsWriter:
             header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * ((-len(blob)) % 8)  # the format allows space padding; keeps tensors 8-aligned
-        self.path, self.tmp = path, f"{path}.partial"
+        self.path = path
         self.base, self.size = 8 + len(blob), 8 + len(blob) + offset
         self.pending = set(self.slots)
-        self.f = open(self.tmp, "wb")
+        self.out = AtomicFile(path, "wb")
+        self.f = self.out.f
         self.f.write(struct.pack("<Q", len(blob)))
         self.f.write(blob)
 
@@ -147,13 +149,10 @@ class SafetensorsWriter:
             self.abort()
             raise AssertionError(f"{self.path}: tensors never written: {sorted(self.pending)[:5]}")
         self.f.truncate(self.size)
-        self.f.close()
-        os.replace(self.tmp, self.path)
+        self.out.commit()
 
     def abort(self) -> None:
-        self.f.close()
-        if os.path.exists(self.tmp):
-            os.remove(self.tmp)
+        self.out.abort()
 
 
 def save_file(tensors: Mapping[str, np.ndarray], path: str, metadata: dict | None = None):

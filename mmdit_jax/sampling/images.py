@@ -1,13 +1,11 @@
 """Images out: float [0, 1] arrays to PIL (as diffusers' numpy_to_pil rounds them) and PNG files whose
-text chunks record how to reproduce them, written aside then renamed."""
+text chunks record how to reproduce them, written aside then renamed (io/files.py)."""
 from __future__ import annotations
-
-import os
-import tempfile
 
 import numpy as np
 
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.io.files import atomic_file
 
 
 def to_pil(images) -> list:
@@ -17,25 +15,16 @@ def to_pil(images) -> list:
     return [Image.fromarray(a) for a in arr]
 
 
-def save_png(image, path: str, metadata: dict) -> str:
+def save_png(image, path: str, metadata: dict | None = None) -> str:
     """Write `image` (PIL) to `path` with `metadata` as PNG tEXt entries; atomic (temp file + rename)."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
-    for k, v in metadata.items():
+    for k, v in (metadata or {}).items():
         if v is not None:
             info.add_text(str(k), str(v))
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_file(path, "wb") as f:
+        image.save(f, format="PNG", pnginfo=info)
     return path
 
 

@@ -20,11 +20,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.progress import Progress, step_line
 from mmdit_jax.sampling import schedules, solvers
 from mmdit_jax.sampling.denoise import make_denoise
 from mmdit_jax.sampling.guidance import SkipLayerGuidance
 from mmdit_jax.sampling.images import to_pil
-from mmdit_jax.sampling.progress import Progress
 
 SCHEDULES = ("diffusers", "bfl")
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -59,7 +59,7 @@ class Pipeline:
             self.patch = 2  # FLUX packs 2x2 latent pixels into a token
             self.defaults = Defaults(28, 3.5, 512, FLUX_DEFAULT_SAMPLE_SIZE)
         self.has_guidance_embed = bool(getattr(cfg, "guidance_embed", False))
-        self.progress = Progress()
+        self.progress = Progress(line=step_line)
         # a given mesh shards the transformer by the logical rules (FSDP / tensor / sequence); by default
         # several local devices split the batch and each holds the whole model
         self._sharded = mesh is not None

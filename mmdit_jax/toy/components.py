@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +28,7 @@ from flax import nnx
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.flux.config import FluxConfig
 from mmdit_jax.io import rules
+from mmdit_jax.io.files import atomic_folder, write_json
 from mmdit_jax.io.safetensors_io import save_file
 from mmdit_jax.sd3.config import MMDiTConfig
 from mmdit_jax.text import weights as text_weights
@@ -115,9 +114,7 @@ def _init(module_cls, cfg, seed):
 
 
 def _write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+    write_json(path, obj, sort_keys=True)
 
 
 def _write_clip(folder, cfg: CLIPTextConfig, seed: int, with_projection: bool):
@@ -199,21 +196,8 @@ def write_toy_pipeline(folder, variant: str = "sd3", seed: int = 0, config: ToyC
     folder = os.fspath(folder)
     if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)) and not overwrite:
         raise MMDiTError(f"{folder}: already exists and is not empty (pass overwrite=True to replace it)")
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".partial-", dir=parent)
-    try:
+    with atomic_folder(folder) as tmp:
         _write_all(tmp, cfg, seed)
-        if os.path.exists(folder):
-            old = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".old-", dir=parent)
-            os.replace(folder, os.path.join(old, "x"))
-            os.replace(tmp, folder)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return cfg
 
 

@@ -8,7 +8,6 @@ Files are written aside and renamed into place.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -17,6 +16,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.io.files import write_json
+from mmdit_jax.sampling.images import save_png
 from mmdit_jax.toy import checker
 from mmdit_jax.toy.dataset import Spec, held_out_specs
 
@@ -31,12 +32,6 @@ def _as_uint8(images, n: int) -> np.ndarray:
     if x.dtype != np.uint8:
         x = np.clip(np.rint(x.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
     return x
-
-
-def _atomic_save(img: Image.Image, path: str):
-    tmp = path + ".partial.png"
-    img.save(tmp)
-    os.replace(tmp, path)
 
 
 def draw_grid(images, specs, results, path, columns: int = 8, scale: int = 4):
@@ -55,7 +50,7 @@ def draw_grid(images, specs, results, path, columns: int = 8, scale: int = 4):
         draw.text((x0, ty + 12), sp.position, fill=(0, 0, 0), font=font)
         for j, (letter, key) in enumerate((("C", "colour"), ("S", "shape"), ("P", "position"))):
             draw.text((x0 + w * scale - 30 + 10 * j, ty + 12), letter, fill=GREEN if r[key] else RED, font=font)
-    _atomic_save(canvas, path)
+    save_png(canvas, path)
 
 
 def evaluate(sample_fn, specs=None, out_dir=None, seeds=(0,), verbose: bool = True) -> dict[str, float]:
@@ -79,11 +74,9 @@ def evaluate(sample_fn, specs=None, out_dir=None, seeds=(0,), verbose: bool = Tr
         os.makedirs(out_dir, exist_ok=True)
         draw_grid(images, all_specs, results, os.path.join(out_dir, "grid.png"))
         path = os.path.join(out_dir, "scores.json")
-        with open(path + ".partial", "w") as f:
-            json.dump({"scores": scores, "images": len(images), "seeds": list(seeds),
-                       "per_image": [{"caption": s.caption, "seed": int(seeds[i // len(specs)]), **r}
-                                     for i, (s, r) in enumerate(zip(all_specs, results))]}, f, indent=1)
-        os.replace(path + ".partial", path)
+        write_json(path, {"scores": scores, "images": len(images), "seeds": list(seeds),
+                          "per_image": [{"caption": s.caption, "seed": int(seeds[i // len(specs)]), **r}
+                                        for i, (s, r) in enumerate(zip(all_specs, results))]}, indent=1)
     if verbose:
         print(f"toy eval: {len(images)} images in {time.time() - t0:.1f}s: "
               + ", ".join(f"{k} {100 * v:.1f}%" for k, v in scores.items()), flush=True)
@@ -140,4 +133,4 @@ def plot_loss_curve(steps, losses, path: str, title: str = "training loss", size
         else:
             d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=(30, 90, 200))
         d.text((W // 2 - 10, H - 16), "step" + ("   (log-scale loss)" if log else ""), fill=(0, 0, 0), font=font)
-    _atomic_save(img, path)
+    save_png(img, path)

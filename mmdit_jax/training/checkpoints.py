@@ -7,7 +7,6 @@ Restores go straight into the target shardings. A SIGTERM sets a flag; the loop 
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 
@@ -17,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.io.files import write_json
 from mmdit_jax.training.state import TrainState
 
 
@@ -108,7 +108,4 @@ class Preemption:
 
 
 def write_meta_json(path: str, data: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    write_json(path, data)

@@ -11,6 +11,7 @@ import numpy as np
 
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.families import family_of_diffusers_config, preset
+from mmdit_jax.progress import duration
 from mmdit_jax.sharding import make_mesh
 from mmdit_jax.training import config as C
 from mmdit_jax.training.checkpoints import Checkpointer, Preemption, write_meta_json
@@ -35,13 +36,6 @@ def network_config(mc):
     dc = dict(mc.diffusers_config)
     return family_of_diffusers_config(dc, "model.diffusers_config").config_from_diffusers(
         dc, "model.diffusers_config")
-
-
-def _eta(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
@@ -147,7 +141,7 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
                 if lead:
                     print(f"step {step}/{cfg.max_steps}  loss {m['loss']:.5f}  grad_norm {m['grad_norm']:.4f}  "
                           f"lr {scalars['lr']:.2e}  {rate:.2f} step/s  {rate * global_batch:.1f} img/s  "
-                          f"ETA {_eta((cfg.max_steps - step) / max(rate, 1e-9))}", file=out, flush=True)
+                          f"ETA {duration((cfg.max_steps - step) / max(rate, 1e-9))}", file=out, flush=True)
             if validate_fn is not None and step % cfg.log.val_every == 0:
                 writer.write(step, validate_fn(state))
             if grid_fn is not None and step % cfg.log.sample_every == 0:
@@ -255,7 +249,6 @@ def _sampler(cfg, model, encoders, data, mode=None, frozen=None):
 def _save_png(grid, path):
     from PIL import Image
 
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.png"
-    Image.fromarray(grid).save(tmp)
-    os.replace(tmp, path)
+    from mmdit_jax.sampling.images import save_png
+
+    save_png(Image.fromarray(grid), path)

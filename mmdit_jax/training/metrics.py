@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 
+from mmdit_jax.io.files import atomic_file
+
 
 class MetricsWriter:
     def __init__(self, workdir: str, resume_step: int | None, enabled: bool = True):
@@ -54,10 +56,8 @@ def _truncate_after(path: str, step: int) -> None:
         return
     with open(path) as f:
         keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_file(path, "w") as f:
         f.writelines(keep)
-    os.replace(tmp, path)
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -1,13 +1,15 @@
 """The workdir as a pipeline folder: model_index.json, the base pipeline's scheduler / tokenizers / VAE /
 text encoders (symlinked, with its toy.json if any), and transformer/{config.json, checkpoint.json}, the
 latter pointing at the newest checkpoint's EMA (or params), so `mmdit-sample --model=WORKDIR` and every
-loader read it.
+loader read it. Links into the workdir itself (a base written to WORKDIR/base) and the checkpoint
+pointer are relative: a moved or copied workdir is still a pipeline folder.
 """
 from __future__ import annotations
 
 import json
 import os
 
+from mmdit_jax.io.files import link
 from mmdit_jax.training.checkpoints import write_meta_json
 
 EXTRA_FILES = ("toy.json",)
@@ -29,13 +31,12 @@ def prepare_workdir(workdir: str, network_config, encoders: str | None, use_ema:
             dst = os.path.join(workdir, name)
             if name.startswith("_") or name == "transformer" or not os.path.isdir(src):
                 continue
-            if not os.path.lexists(dst):
-                os.symlink(os.path.abspath(src), dst)
+            link(src, dst, workdir)
         # what the base pipeline fixes beyond diffusers' configs (toy.json: T5 length, image side)
         for name in EXTRA_FILES:
             src, dst = os.path.join(encoders, name), os.path.join(workdir, name)
-            if os.path.isfile(src) and not os.path.lexists(dst):
-                os.symlink(os.path.abspath(src), dst)
+            if os.path.isfile(src):
+                link(src, dst, workdir)
     else:
         index = {"_class_name": PIPELINE_CLASS[network_config.family]}
     index["transformer"] = ["diffusers", cfg["_class_name"]]
@@ -44,8 +45,8 @@ def prepare_workdir(workdir: str, network_config, encoders: str | None, use_ema:
     if base_transformer is not None:
         src = os.path.join(base_transformer, "transformer")
         src = src if os.path.isdir(src) else base_transformer
-        if os.path.isdir(src) and not os.path.lexists(comp):
-            os.symlink(os.path.abspath(src), comp)
+        if os.path.isdir(src):
+            link(src, comp, workdir)
         return
     os.makedirs(comp, exist_ok=True)
     write_meta_json(os.path.join(comp, "config.json"), cfg)
