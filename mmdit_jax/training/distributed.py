@@ -97,6 +97,6 @@ def data_group(batch_sharding, shards: int) -> tuple[int, int]:
         if rows not in groups:
             if any(rows & g for g in groups) or (groups and len(rows) != len(groups[0])):
                 raise MMDiTError("--mesh_*: processes hold overlapping but different parts of the batch; "
-                                 "order the mesh axes so each process holds whole data-parallel shards")
+                                 "choose mesh sizes with which each process holds whole data-parallel shards")
             groups.append(rows)
     return groups.index(frozenset(held[jax.process_index()])), len(groups)
