@@ -3,7 +3,8 @@
 the workdir's transformer/checkpoint.json pointer loads them), "opt_state" (its leaves, in tree order)
 and "meta" (JSON: step, rng, data-iterator state, config).
 
-Restores go straight into the target shardings. A SIGTERM sets a flag; the loop then saves and exits.
+Restores go straight into the target shardings. After a SIGTERM every process saves the same step and exits
+(see Preemption).
 """
 from __future__ import annotations
 
@@ -30,9 +31,15 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.mngr.latest_step()
 
-    def save(self, state: TrainState, meta: dict, *, force: bool = False) -> bool:
-        """Saves when `step` is on the interval (or force); async unless configured otherwise."""
-        step = int(_host(state.step))
+    def due(self, step: int) -> bool:
+        """Whether `step` is a save step by the options' interval (host-side only, the same answer on
+        every process)."""
+        return self.mngr.should_save(step)
+
+    def save(self, state: TrainState, meta: dict, *, force: bool = False, step: int | None = None) -> bool:
+        """Saves when `step` is on the interval (or force); async unless configured otherwise. `step`:
+        the state's step when the caller knows it (saves reading it back from the device)."""
+        step = int(_host(state.step)) if step is None else step
         items = dict(params=ocp.args.StandardSave(state.params),
                      opt_state=ocp.args.StandardSave(_leaves(state.opt_state)),
                      meta=ocp.args.JsonSave(dict(meta, step=step, rng=_host(state.rng).tolist())))
@@ -84,22 +91,55 @@ def _leaves(tree) -> dict:
 
 
 class Preemption:
-    """SIGTERM (and SIGINT) -> `requested` becomes True; the loop checkpoints and exits cleanly."""
+    """When a SIGTERM (or SIGINT) stops the run: `stop(step)`, asked after every step, is True at the
+    step to save and exit at. A host-side check only: it never waits on the device.
 
-    def __init__(self):
+    One process: a Python handler sets a flag. Several processes must stop after the same step: one
+    that stopped alone would enter the collective save while the others step on into collectives it
+    never joins (a deadlock). They agree through JAX's preemption sync on jax.distributed's
+    coordination service: its own SIGTERM handler reports the notice to the service; every process's
+    background thread then reports the last step it was asked about, and the step after the largest
+    becomes every process's stop step. `stop` blocks only while that exchange runs, which needs no
+    process's main thread, so no process ever waits on one that waits on it. SIGINT is forwarded to
+    that handler as a SIGTERM. `step`: the run's first step, reported should the notice come before
+    the loop starts."""
+
+    def __init__(self, step: int = 0):
         self.requested = False
         self._old = {}
+        self._sync = jax.process_count() > 1
+        if self._sync:
+            from jax.experimental import multihost_utils
+
+            try:
+                multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError:
+                raise MMDiTError("--distributed: multi-process runs stop together on SIGTERM through JAX's "
+                                 "preemption service; do not turn off jax_enable_preemption_service") from None
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # several processes: SIGTERM stays with JAX's handler (installed by jax.distributed.initialize)
+        handlers = {signal.SIGINT: self._forward} if self._sync else {signal.SIGTERM: self._handle,
+                                                                       signal.SIGINT: self._handle}
+        for sig, fn in handlers.items():
             try:
-                self._old[sig] = signal.signal(sig, self._handle)
+                self._old[sig] = signal.signal(sig, fn)
             except ValueError:  # not the main thread: no handler (e.g. a library caller's worker)
                 pass
         return self
 
     def _handle(self, signum, frame):
         self.requested = True
+
+    def _forward(self, signum, frame):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def stop(self, step: int) -> bool:
+        if self._sync:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():

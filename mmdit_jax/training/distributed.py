@@ -72,3 +72,31 @@ def own(saved: dict, what: str):
         raise MMDiTError(f"checkpoint meta {what!r} was written by {len(saved)} processes, this run has {n}: "
                          "resume with the same number of processes (the data stream is split by process)")
     return saved[str(me)]
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have come (e.g. for files the lead process writes)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def data_group(batch_sharding, shards: int) -> tuple[int, int]:
+    """(index, count) of this process's data group. A batch split by `batch_sharding` into `shards`
+    pieces may be held whole by several processes (a tensor or sequence axis spanning processes):
+    those are replicas and must feed identical rows, so a data stream is read per group, not per
+    process. Groups are numbered by their lowest process index (index = process index when every
+    process holds rows of its own)."""
+    held: dict[int, set] = {}
+    for device, index in batch_sharding.devices_indices_map((shards,)).items():
+        held.setdefault(device.process_index, set()).add(index[0].start or 0)
+    groups: list[frozenset] = []
+    for p in sorted(held):
+        rows = frozenset(held[p])
+        if rows not in groups:
+            if any(rows & g for g in groups) or (groups and len(rows) != len(groups[0])):
+                raise MMDiTError("--mesh_*: processes hold overlapping but different parts of the batch; "
+                                 "choose mesh sizes with which each process holds whole data-parallel shards")
+            groups.append(rows)
+    return groups.index(frozenset(held[jax.process_index()])), len(groups)

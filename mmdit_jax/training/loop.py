@@ -16,7 +16,7 @@ from mmdit_jax.sharding import make_mesh
 from mmdit_jax.training import config as C
 from mmdit_jax.training.checkpoints import Checkpointer, Preemption, write_meta_json
 from mmdit_jax.training.data import make_data
-from mmdit_jax.training.distributed import own, per_process
+from mmdit_jax.training.distributed import barrier, data_group, own, per_process
 from mmdit_jax.training.hooks import prepare_base, run_evaluation
 from mmdit_jax.training.metrics import MetricsWriter
 from mmdit_jax.training.modes import TrainMode
@@ -44,17 +44,23 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
     C.validate(cfg)
     workdir = os.path.abspath(workdir)
     lead = jax.process_index() == 0
-    cfg = prepare_base(cfg, workdir, out, write=lead)  # with base.maker: train from WORKDIR/base
     try:
         mesh = make_mesh({a: getattr(cfg.mesh, a) for a in ("data", "fsdp", "tensor", "sequence")})
     except ValueError as e:
         raise MMDiTError(f"--mesh_*: {e}") from None
     batch_sh = batch_sharding(mesh)
-    global_batch = cfg.batch_size * jax.process_count()
     shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+    group, groups = data_group(batch_sh, shards)  # processes holding the same rows read the same stream
+    global_batch = cfg.batch_size * groups
     if global_batch % shards:
         raise MMDiTError(f"--set=batch_size: global batch {global_batch} does not split over the "
                          f"{shards} data-parallel devices (mesh data x fsdp)")
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint.every, cfg.checkpoint.keep,
+                        cfg.checkpoint.async_save)
+    resume_step = ckpt.latest_step()
+    preempt = Preemption(resume_step or 0)  # a SIGTERM from here on stops every process at one step
+    cfg = prepare_base(cfg, workdir, out, write=lead)  # with base.maker: train from WORKDIR/base
+    barrier("mmdit_base")  # the others read the base the lead process writes
 
     pretrained = teacher = None
     if cfg.model.pretrained is not None:
@@ -67,7 +73,7 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
         net_cfg = network_config(cfg.model)
     if cfg.distill.enabled:
         teacher = (pretrained if cfg.distill.teacher in (None, cfg.model.pretrained)
-                   else load_transformer(cfg.distill.teacher, "float32"))
+                   else load_teacher(cfg, mesh))
         if pretrained is None:
             raise MMDiTError("--set=model.pretrained: guidance distillation starts the student from a "
                              "pretrained network (the teacher's path)")
@@ -79,9 +85,6 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
     use_ema = cfg.ema.decay > 0
     encoders = cfg.encoders or cfg.model.pretrained
 
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint.every, cfg.checkpoint.keep,
-                        cfg.checkpoint.async_save)
-    resume_step = ckpt.latest_step()
     if resume_step is not None:
         # restore straight into the target shardings; no init weights are ever computed on resume
         target, state_sh = create_state(model, tx, mesh, cfg.seed, use_ema, abstract_only=True, mode=mode)
@@ -95,8 +98,7 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
                                     teacher.params if teacher is not None else None, base, mesh)
     del pretrained, teacher
 
-    data = make_data(cfg, seed=cfg.seed, encoders_path=encoders, process_index=jax.process_index(),
-                     process_count=jax.process_count())
+    data = make_data(cfg, seed=cfg.seed, encoders_path=encoders, process_index=group, process_count=groups)
     # where the stream starts: the validation batches are read from there
     data_start = data.get_state() if meta is None else _own_data(meta, "data_start")
     if meta is not None:
@@ -124,7 +126,11 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
     writer = MetricsWriter(workdir, resume_step, enabled=lead)
     step = int(jax.device_get(state.step))
     status = 0
-    with Preemption() as preempt:
+    # The host touches the device only on steps that log, validate, sample or save: other steps
+    # only enqueue work. Every process takes the same branches at the same step (the intervals, and
+    # the preemption stop agreed across processes), so none enters a collective (a metrics fetch,
+    # the save and its meta gather) alone.
+    with preempt:
         t_last, s_last = time.perf_counter(), step
         while step < cfg.max_steps:
             batch = put(next(data))
@@ -149,18 +155,16 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
                 writer.image(step, "samples", grid)
                 if lead:
                     _save_png(grid, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
-            meta_now = dict(data=per_process(data.get_state()), data_start=data_start_all,
-                            process_count=jax.process_count(), config=C.to_dict(cfg))
-            if preempt.requested and step < cfg.max_steps:
-                ckpt.save(state, meta_now, force=True)
-                if lead:
-                    mode.export(state, workdir, model)
-                print(f"preempted: saved step {step}; rerun the same command to resume", file=out,
-                      flush=True)
+            stopping = preempt.stop(step) and step < cfg.max_steps  # asked every step (see Preemption)
+            if stopping or ckpt.due(step) or step == cfg.max_steps:
+                meta_now = dict(data=per_process(data.get_state()), data_start=data_start_all,
+                                process_count=jax.process_count(), config=C.to_dict(cfg))
+                if ckpt.save(state, meta_now, force=True, step=step) and lead:
+                    mode.export(state, workdir, model)  # LoRA: WORKDIR/lora/pytorch_lora_weights.safetensors
+            if stopping:
+                print(f"preempted: saved step {step}; rerun the same command to resume", file=out, flush=True)
                 status = PREEMPTED_EXIT
                 break
-            if ckpt.save(state, meta_now, force=step == cfg.max_steps) and lead:
-                mode.export(state, workdir, model)  # LoRA: WORKDIR/lora/pytorch_lora_weights.safetensors
     ckpt.close()
     writer.close()
     stats = getattr(data, "stats", None)
@@ -170,6 +174,12 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
         # the workdir is a pipeline folder now: evaluate it the way a user samples it
         run_evaluation(cfg, workdir, out)
     return status
+
+
+def load_teacher(cfg, mesh):
+    """The distillation teacher given by its own path, read straight into its shardings on `mesh` (never
+    whole on one device) in its frozen dtype."""
+    return load_transformer(cfg.distill.teacher, cfg.distill.teacher_dtype, mesh=mesh)
 
 
 def _own_data(meta, key):

@@ -68,15 +68,18 @@ def make_train_step(model, tx: optax.GradientTransformation, cfg, layout=(), nul
     def grads_of(params, frozen, full, key):
         if accum == 1:
             return jax.value_and_grad(micro_loss)(params, frozen, full, key)
-        micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), full)
-
-        def body(carry, xs):
-            mb, i = xs
+        # microbatch i holds rows i, i + accum, i + 2 accum, ...: a device's rows are contiguous in the
+        # batch, so every microbatch keeps an equal share on every data-parallel device (no gathering,
+        # and each device computes only its own rows); the mean over all rows is the same either way.
+        # Sliced inside the loop, so the batch is never copied into microbatch order.
+        def body(carry, i):
+            mb = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(
+                x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), i, axis=1, keepdims=False), full)
             loss, g = jax.value_and_grad(micro_loss)(params, frozen, mb, jax.random.fold_in(key, i))
             return (carry[0] + loss, jax.tree.map(jnp.add, carry[1], g)), None
 
         zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-        (loss, g), _ = jax.lax.scan(body, zero, (micro, jnp.arange(accum)))
+        (loss, g), _ = jax.lax.scan(body, zero, jnp.arange(accum))
         return loss / accum, jax.tree.map(lambda x: x / accum, g)
 
     def train_step(state: TrainState, batch, frozen=None):
