@@ -26,6 +26,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from mmdit_jax.sharding import ambient_mesh
@@ -307,7 +308,9 @@ def _sharded(q, k, v, scale, name, mesh):
             v = jax.lax.all_gather(v, "sequence", axis=1, tiled=True)
         return _local(q, k, v, scale, name, lk if pad_k else None)
 
-    out = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)(q, k, v)
+    # the Pallas (splash) call declares no varying-manual-axes types for its outputs
+    out = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                        check_vma=name != "splash")(q, k, v)
     return out[:, :lq]
 
 
@@ -333,10 +336,13 @@ def _splash_kernel(heads: int, lq: int, lk: int, blocks: tuple[int, int, int], i
     sizes = sk.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkc, block_q_dkv=bq, block_kv_dkv=bkv,
                           block_kv_dkv_compute=bkc, use_fused_bwd_kernel=True)
     # The kernel holds its block tables as arrays. Built inside a trace they would be tracers, and the
-    # cached kernel would leak them into every later trace (the next scan, the next jit).
+    # cached kernel would leak them into every later trace (the next scan, the next jit); as device
+    # arrays made inside one shard_map they would carry that mesh into the next. Host arrays are
+    # constants in any trace.
     with jax.ensure_compile_time_eval():
-        return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                  residual_checkpoint_name=LSE_NAME, interpret=interpret)
+        kernel = sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                    residual_checkpoint_name=LSE_NAME, interpret=interpret)
+    return jax.tree.map(np.asarray, kernel)
 
 
 def _splash(q, k, v, valid_k, *, interpret: bool):
