@@ -1,8 +1,8 @@
 """Attention on 8 virtual CPU devices. Splash (Pallas interpret mode) under (fsdp 8) and (data 2, fsdp 2,
 tensor 2) equals XLA for forward and gradient; with a "sequence" axis and padded lengths both kernels mask
 the padded keys inside the memory-lean path. Structurally: every `pallas_call` of the train step, the
-validation loss and the Pipeline's sampling loop traced with splash under a multi-device mesh sits inside a
-`shard_map` (Mosaic kernels cannot be partitioned by XLA)."""
+validation loss, the trainer's sample grids and the Pipeline's sampling loop traced with splash under a
+multi-device mesh sits inside a `shard_map` (Mosaic kernels cannot be partitioned by XLA)."""
 import os
 import subprocess
 import sys
@@ -76,6 +76,22 @@ SCRIPT = textwrap.dedent("""
         eps = jax.ShapeDtypeStruct(batch["latents"].shape, jnp.float32, sharding=batch_sharding(mesh))
         loss = make_eval_loss(model, cfg, mesh=mesh)
         assert kernels_outside_shard_map(jax.make_jaxpr(loss)(state.params, batch, sigma, eps).jaxpr) == 0
+
+    # the trainer's sample grids: the jitted sampling loop, traced (encoders and VAE stand-ins give shapes)
+    import dataclasses, types
+    from mmdit_jax.training import loop
+    jitted = []
+    loop.jax = types.SimpleNamespace(**{n: getattr(jax, n) for n in ("random", "numpy")},
+                                     jit=lambda fn: jitted.append(fn) or jax.jit(fn))
+    text = lambda prompts, max_sequence_length: (np.zeros((len(prompts), 5, 12), np.float32),
+                                                 np.zeros((len(prompts), 10), np.float32))
+    vae = types.SimpleNamespace(config=types.SimpleNamespace(downsample_factor=8, latent_channels=16))
+    data = types.SimpleNamespace(encoders=types.SimpleNamespace(text=text, vae=vae))
+    cfg = cfg.replace(log=dataclasses.replace(cfg.log, sample_every=1, sample_steps=2, sample_resolution=48))
+    loop._sampler(cfg, model, None, data, None, None, mesh)
+    loop.jax = jax
+    with attention_backend("splash"):
+        assert kernels_outside_shard_map(jax.make_jaxpr(jitted[-1])(state.params, None).jaxpr) == 0
 
     # the Pipeline's sampling loop on its default data mesh and on (fsdp 4, tensor 2)
     for mesh in (None, {"fsdp": 4, "tensor": 2}):
