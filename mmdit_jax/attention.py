@@ -4,7 +4,8 @@ Layout everywhere: q, k, v are (B, L, H, D). Backends:
 - "xla": plain XLA (softmax in float32); the CPU path and the reference for the others. Without bias or
   mask it is differentiated like flash attention (only the log-sum-exp is kept for backward), and when
   one (B, H, Lq, Lk) float32 logits array would exceed `AttentionConfig.chunk_threshold` bytes it runs
-  over query chunks, forward and backward, so memory stays linear in L per chunk.
+  over query chunks, forward and backward, so memory stays linear in L per chunk (with a bias or causal
+  mask, autodiff through the chunked forward).
 - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (flash attention on NVIDIA GPUs;
   needs bfloat16/float16 inputs).
 - "splash": TPU Pallas splash attention (also runs in Pallas interpret mode, which the tests use on CPU):
@@ -44,7 +45,8 @@ class AttentionConfig:
     splash_block_*: splash tiles for the forward and the fused backward, clipped to the sequence
     (rounded up to 128) for short ones. 512 rather than the kernel's 128 placeholder
     (`BlockSizes.get_default` carries a TODO to pick better ones): larger tiles amortise the per-step
-    overhead of the grid on TPU, and 512 is what the kernel's large users run by default.
+    overhead of the grid on TPU, and 512 is MaxText's default for this kernel
+    (benchmarks/attention_kernels.py measures the alternatives on a TPU).
     chunk_threshold: the XLA kernel goes over query chunks when one (B, H, Lq, Lk) logits array would
     take more bytes than this; chunk_bytes: the logits bytes of one chunk then."""
     splash_block_q: int = 512
