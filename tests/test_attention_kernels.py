@@ -217,7 +217,7 @@ def test_query_chunked_xla_memory_is_linear_in_length():
 def test_vae_decode_attention_is_chunked_above_the_threshold():
     from mmdit_jax.vae import VAE, VAEConfig
 
-    vae = VAE.init(VAEConfig(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
+    vae = VAE.init(VAEConfig(block_out_channels=(8,), layers_per_block=1, latent_channels=4,
                              norm_num_groups=4), seed=0)
     z = np.random.default_rng(0).standard_normal((1, 8, 8, 4)).astype(np.float32)
     ref = jax.jit(vae.decode_apply)(vae.params, z)
@@ -233,8 +233,7 @@ def _logit_dots(jaxpr, length):
                for e in walk(jaxpr))
 
 
-@pytest.mark.parametrize("remat", ["attn", "qkv_attn"])
-def test_remat_policies_keep_the_log_sum_exp(remat):
+def test_remat_policies_keep_the_log_sum_exp():
     """Under the `attn` and `qkv_attn` policies backward reuses the saved log-sum-exp: the gradient has as
     many (L, L) matmuls as without remat (forward q k^T; backward q k^T and g v^T), none of them a rerun of
     the forward. `full` recomputes the forward and shows the count sees it."""
@@ -247,4 +246,4 @@ def test_remat_policies_keep_the_log_sum_exp(remat):
 
     base = count("none")
     assert base > 0 and count("full") > base
-    assert count(remat) == base
+    assert count("attn") == base and count("qkv_attn") == base
