@@ -6,6 +6,7 @@ same names. Mesh axes: "data" (pure data parallel), "fsdp" (data parallel with s
 """
 from __future__ import annotations
 
+import functools
 from typing import Iterable
 
 import jax
@@ -89,12 +90,36 @@ def fsdp_fill(spec: P, names, shape, mesh) -> P:
 TOKENS = ("batch", "seq", None)  # logical axes of the blocks' token streams
 
 
-def sequence_mesh():
-    """The ambient (abstract) mesh when it has a "sequence" axis of size > 1, else None."""
+def ambient_mesh():
+    """The ambient (abstract) mesh (jax.set_mesh / use_abstract_mesh) when it spans more than one
+    device, else None."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.shape.get("sequence", 1) == 1:
+    if mesh.empty or mesh.size == 1:
         return None
     return mesh
+
+
+def sequence_mesh():
+    """The ambient (abstract) mesh when it has a "sequence" axis of size > 1, else None."""
+    mesh = ambient_mesh()
+    if mesh is None or mesh.shape.get("sequence", 1) == 1:
+        return None
+    return mesh
+
+
+def under_mesh(fn, mesh):
+    """`fn` traced with `mesh` as the ambient (abstract) mesh; `fn` itself when mesh is None. Models
+    run under the mesh their arrays live on: it makes attention context parallel with a "sequence"
+    axis and keeps Mosaic kernels inside a shard_map on any mesh (mmdit_jax.attention)."""
+    if mesh is None:
+        return fn
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def constrain(x, names, rules=LOGICAL_RULES):

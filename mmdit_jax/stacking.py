@@ -10,17 +10,19 @@ from typing import Callable
 import jax
 from flax import nnx
 
+from mmdit_jax.attention import LSE_NAME
 from mmdit_jax.layers import Modulation
 
-# Names tagged inside blocks (see layers.py and the model files).
-SAVEABLE = ("qkv", "attn_out", "mlp_hidden")
+# Names tagged inside blocks (see layers.py and the model files; the attention kernels tag the softmax
+# statistics they keep for backward, so saving them spares backward the q k^T matmul and exp).
+SAVEABLE = ("qkv", "attn_out", LSE_NAME, "mlp_hidden")
 
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,  # no remat: keep every residual
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block in backward
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
-    "qkv_attn": jax.checkpoint_policies.save_only_these_names("qkv", "attn_out"),
-    "attn": jax.checkpoint_policies.save_only_these_names("attn_out"),
+    "qkv_attn": jax.checkpoint_policies.save_only_these_names("qkv", "attn_out", LSE_NAME),
+    "attn": jax.checkpoint_policies.save_only_these_names("attn_out", LSE_NAME),
 }
 
 

@@ -227,9 +227,9 @@ class Pipeline:
         args = self._shard((x0, cond, uncond, guidance))
         if progress:
             self.progress.start(n, "sampling")
-        # the ambient mesh turns on context-parallel attention when it has a "sequence" axis
-        seq = self.mesh is not None and self.mesh.shape.get("sequence", 1) > 1
-        with jax.set_mesh(self.mesh) if seq else contextlib.nullcontext():
+        # the ambient mesh turns on context-parallel attention with a "sequence" axis, and puts Mosaic
+        # (splash) kernels in a shard_map on any mesh
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             return self._denoise(self._tparams, *args, steps, scales, solver=sampler, cfg=cfg_on,
                                  slg_layers=slg.layers if slg else (), show_progress=bool(progress))
 

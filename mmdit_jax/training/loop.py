@@ -12,7 +12,7 @@ import numpy as np
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.families import family_of_diffusers_config, preset
 from mmdit_jax.progress import duration
-from mmdit_jax.sharding import make_mesh
+from mmdit_jax.sharding import make_mesh, under_mesh
 from mmdit_jax.training import config as C
 from mmdit_jax.training.checkpoints import Checkpointer, Preemption, write_meta_json
 from mmdit_jax.training.data import make_data
@@ -120,7 +120,7 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
                 for k in ("latents", "context", "pooled")}
 
     validate_fn = _validation(cfg, model, data, data_start, put, batch_sh, mode, frozen, null_text)
-    grid_fn = _sampler(cfg, model, encoders, data, mode, frozen) if cfg.log.sample_every else None
+    grid_fn = _sampler(cfg, model, encoders, data, mode, frozen, mesh) if cfg.log.sample_every else None
     if resume_step is not None and resume_step >= cfg.max_steps:
         print(f"already trained to step {resume_step}: evaluating only", file=out, flush=True)
     writer = MetricsWriter(workdir, resume_step, enabled=lead)
@@ -208,7 +208,8 @@ def _validation(cfg, model, data, start_state, put, batch_sh, mode=None, frozen=
                              batch_sh)
         fixed.append((b, sigma, eps))
     data.set_state(here)
-    eval_loss = make_eval_loss(model, cfg, mode, frozen)  # jitted inside, frozen tree as an argument
+    # jitted inside, under the training mesh, with the frozen tree as an argument
+    eval_loss = make_eval_loss(model, cfg, mode, frozen, batch_sh.mesh)
 
     def run(state):
         out = {"val_loss": float(np.mean([eval_loss(state.params, *f, null_text) for f in fixed]))}
@@ -219,7 +220,7 @@ def _validation(cfg, model, data, start_state, put, batch_sh, mode=None, frozen=
     return run
 
 
-def _sampler(cfg, model, encoders, data, mode=None, frozen=None):
+def _sampler(cfg, model, encoders, data, mode=None, frozen=None, mesh=None):
     from mmdit_jax.text import load_text_encoders
     from mmdit_jax.training.samples import sample_latents, to_grid
     from mmdit_jax.training.step import cast_floats
@@ -245,9 +246,12 @@ def _sampler(cfg, model, encoders, data, mode=None, frozen=None):
         return model.apply(cast_floats(p, compute), x.astype(compute), s, c.astype(compute), pl.astype(compute), g)
 
     params_of = mode.sampling_params if mode is not None else (lambda t, f: t)  # LoRA: merged into the base
-    run = jax.jit(lambda t, f: sample_latents(apply_fn, params_of(t, f), noise, ctx, pooled, null_ctx, null_pooled,
-                                              steps=lg.sample_steps, guidance=lg.sample_guidance, shift=shift,
-                                              has_guidance=has_g))
+
+    def sample(t, f):
+        return sample_latents(apply_fn, params_of(t, f), noise, ctx, pooled, null_ctx, null_pooled,
+                              steps=lg.sample_steps, guidance=lg.sample_guidance, shift=shift, has_guidance=has_g)
+
+    run = jax.jit(under_mesh(sample, mesh))  # under the mesh the state lives on
 
     def grid(state):
         z = run(state.ema if state.ema is not None else state.params, frozen)

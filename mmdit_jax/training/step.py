@@ -125,10 +125,11 @@ def jit_train_step(model, tx, cfg, mesh, state_sh, layout=(), null_text=None, mo
                    out_shardings=(state_sh, replicated(mesh)), donate_argnums=0)
 
 
-def make_eval_loss(model, cfg, mode=None, frozen=None):
+def make_eval_loss(model, cfg, mode=None, frozen=None, mesh=None):
     """(params, batch, sigma, eps) -> unweighted loss at fixed (sigma, eps): the validation loss (the
-    flow loss; for distillation the distillation loss at guidance spread over [min, max]). Jitted; the
-    frozen tree is an argument of the jitted function, never a constant baked into it."""
+    flow loss; for distillation the distillation loss at guidance spread over [min, max]). Jitted (under
+    `mesh`, the one the params live on, as the ambient mesh); the frozen tree is an argument of the
+    jitted function, never a constant baked into it."""
     compute = jnp.dtype(cfg.model.compute_dtype)
     has_guidance = bool(getattr(model.config, "guidance_embed", False))
     mode = mode or full_mode(cfg, model.config)
@@ -151,7 +152,9 @@ def make_eval_loss(model, cfg, mode=None, frozen=None):
         return objective.flow_loss(apply_fn(frozen), params, x0, eps, sigma, batch["context"], batch["pooled"],
                                    guidance, "none")
 
-    jitted = jax.jit(eval_loss)
+    from mmdit_jax.sharding import under_mesh
+
+    jitted = jax.jit(under_mesh(eval_loss, mesh))
 
     def run(params, batch, sigma, eps, null=None):
         return jitted(params, frozen, batch, sigma, eps, null)
