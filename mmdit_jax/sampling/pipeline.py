@@ -41,6 +41,12 @@ class Defaults:
 
 
 class Pipeline:
+    # Latents with more pixels than this decode tile by tile (tiles of `decode_tile_size` image pixels,
+    # diffusers' enable_tiling default): the VAE's mid-block attention over h*w latent tokens is
+    # quadratic, ~1 GB per example at 128x128 latents (1024 px images) and 16x that at 2048 px.
+    tiled_decode_above = 128 * 128
+    decode_tile_size = 512
+
     def __init__(self, transformer, vae, text_encoders, scheduler: schedules.SchedulerConfig, name: str = "",
                  mesh=None):
         self.transformer, self.vae, self.text_encoders, self.scheduler = transformer, vae, text_encoders, scheduler
@@ -85,13 +91,15 @@ class Pipeline:
         return jax.device_put(tparams, NamedSharding(self.mesh, P()))
 
     @classmethod
-    def from_pretrained(cls, path, dtype="float32", mesh=None) -> "Pipeline":
-        """Transformer, VAE, text encoders and scheduler config of a model folder. `mesh`: see the module
+    def from_pretrained(cls, path, dtype=None, mesh=None) -> "Pipeline":
+        """Transformer, VAE, text encoders and scheduler config of a model folder. `dtype` None: bfloat16
+        on GPU/TPU, float32 on CPU (`mmdit_jax.transformer.default_dtype`). `mesh`: see the module
         docstring; the transformer's parameters are then read straight into their shards."""
         from mmdit_jax.text import load_text_encoders
-        from mmdit_jax.transformer import load_transformer
+        from mmdit_jax.transformer import default_dtype, load_transformer
         from mmdit_jax.vae import load_vae
 
+        dtype = default_dtype() if dtype is None else dtype
         path = os.fspath(path)
         if not os.path.exists(path):
             raise MMDiTError(f"{path}: no such model folder")
@@ -249,7 +257,11 @@ class Pipeline:
     def _output(self, latents, output_type):
         if output_type == "latent":
             return latents
-        images = np.asarray(self._decode(self._vparams, latents))
+        if latents.shape[1] * latents.shape[2] > self.tiled_decode_above:
+            decoded = self.vae.decode_tiled(latents, tile_size=self.decode_tile_size)
+            images = np.clip(np.asarray(decoded, np.float32) / 2 + 0.5, 0.0, 1.0)
+        else:
+            images = np.asarray(self._decode(self._vparams, latents))
         return images if output_type == "np" else to_pil(images)
 
     def __call__(self, prompt, negative_prompt=None, height=None, width=None, num_inference_steps=None,
