@@ -74,21 +74,24 @@ class Pipeline:
         else:
             devices = jax.local_devices()
             self.mesh = Mesh(np.array(devices), ("data",)) if len(devices) > 1 else None
-        self._tparams = self._place(transformer.params)
-        vparams = vae.params
-        self._vparams = vparams if self.mesh is None else jax.device_put(vparams, NamedSharding(self.mesh, P()))
+        self._set_transformer_params(transformer.params)
+        if self.mesh is not None:  # the placed copy replaces the loaded one (one VAE in memory)
+            vae.params = jax.device_put(vae.params, NamedSharding(self.mesh, P()))
+        self._vparams = vae.params
         apply = transformer.apply
         self._denoise = make_denoise(lambda p, x, s, c, y, g, skip: apply(p, x, s, c, y, g, skip_layers=skip),
                                      self.progress)
         decode = vae.decode_apply
         self._decode = jax.jit(lambda p, z: jnp.clip(decode(p, z) / 2 + 0.5, 0.0, 1.0))
 
-    def _place(self, tparams):
-        if self.mesh is None:
-            return tparams
-        if self._sharded:
-            return jax.device_put(tparams, self.transformer.param_shardings(self.mesh))
-        return jax.device_put(tparams, NamedSharding(self.mesh, P()))
+    def _set_transformer_params(self, tparams):
+        """Places `tparams` on the mesh and keeps only the placed copy: `transformer.params` is replaced
+        too, else the loaded arrays (on device 0) would stay alive next to their placed copies."""
+        if self.mesh is not None:
+            sh = (self.transformer.param_shardings(self.mesh) if self._sharded
+                  else NamedSharding(self.mesh, P()))
+            tparams = jax.device_put(tparams, sh)
+        self.transformer.params = self._tparams = tparams
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, mesh=None) -> "Pipeline":
@@ -107,7 +110,7 @@ class Pipeline:
         mesh = None if mesh is None else as_mesh(mesh)
         transformer = load_transformer(path, dtype, mesh=mesh)
         vae = load_vae(path, dtype)
-        text = load_text_encoders(path, dtype)
+        text = load_text_encoders(path, dtype, mesh=mesh)
         if text.family != transformer.config.family:
             raise MMDiTError(f"{path}: text encoders are {text.family}'s but the transformer is "
                              f"{transformer.config.family}")
@@ -123,9 +126,7 @@ class Pipeline:
 
         items = loras if isinstance(loras, (list, tuple)) else [loras]
         items = [load_lora(x, self.transformer) if isinstance(x, (str, os.PathLike)) else x for x in items]
-        params = jax.jit(merge)(self.transformer.params, items, scales)
-        self.transformer.params = params
-        self._tparams = self._place(params)
+        self._set_transformer_params(jax.jit(merge)(self.transformer.params, items, scales))
         return self
 
     # -- settings -----------------------------------------------------------------------------------
