@@ -29,17 +29,33 @@ class Buffer(nnx.Variable):
     """Non-trainable state loaded from checkpoints (e.g. SD3's position table)."""
 
 
-class Linear(nnx.Module):
-    """y = x @ kernel + bias, kernel stored (in, out) with logical axes `axes`."""
+def _dims(d) -> tuple[int, ...]:
+    return (int(d),) if isinstance(d, (int, np.integer)) else tuple(int(x) for x in d)
 
-    def __init__(self, din: int, dout: int, *, axes=("embed", "mlp"), use_bias: bool = True,
+
+class Linear(nnx.Module):
+    """y = x @ kernel + bias, kernel stored (in, out) with logical axes `axes`.
+
+    `din` / `dout` may be tuples: the kernel is then the (prod(din), prod(dout)) matrix reshaped to
+    (*din, *dout), and x's last len(din) axes are contracted. Fused projections use this to keep their
+    parts on an axis of their own, e.g. qkv as (in, 3, width): sharding `width` over "tensor" splits
+    each of q, k and v by heads, where a contiguous split of [q|k|v] would cut across them."""
+
+    def __init__(self, din, dout, *, axes=("embed", "mlp"), use_bias: bool = True,
                  kernel_init=xavier, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.kernel = param(kernel_init, rngs.params(), (din, dout), param_dtype, axes)
-        self.bias = param(zeros, rngs.params(), (dout,), param_dtype, axes[1:]) if use_bias else None
+        din, dout = _dims(din), _dims(dout)
+        self.n_in, self.n_out = len(din), len(dout)
+        shape = din + dout
+
+        def init(key, _, dtype):  # the same values as the unfused matrix: initialised as one
+            return kernel_init(key, (math.prod(din), math.prod(dout)), dtype).reshape(shape)
+
+        self.kernel = param(init, rngs.params(), shape, param_dtype, axes)
+        self.bias = param(zeros, rngs.params(), dout, param_dtype, axes[self.n_in:]) if use_bias else None
 
     def __call__(self, x):
         k = self.kernel[...]
-        y = jnp.dot(x.astype(k.dtype), k)
+        y = jnp.tensordot(x.astype(k.dtype), k, axes=self.n_in)
         if self.bias is not None:
             y = y + self.bias[...]
         return y

@@ -123,12 +123,13 @@ def under_mesh(fn, mesh):
 
 
 def constrain(x, names, rules=LOGICAL_RULES):
-    """with_sharding_constraint of an activation to its logical axes, under the ambient mesh
-    (jax.set_mesh / use_abstract_mesh). A no-op without one or without sequence parallelism (XLA
-    propagates the data-parallel and tensor shardings from the inputs and parameters by itself);
-    mesh axes that do not divide their dimension are left out."""
-    mesh = sequence_mesh()
-    if mesh is None:
+    """with_sharding_constraint of an activation to its logical axes under the ambient mesh
+    (jax.set_mesh / use_abstract_mesh; a no-op without one); mesh axes that do not divide their
+    dimension are left out. Left to itself, XLA's propagation under "tensor" splits the token stream
+    over channels (after each row-parallel projection) and the adaLN modulations like their kernels,
+    then regathers both inside every block; and under "sequence" it does not split tokens at all."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, dividing(logical_to_spec(names, rules, mesh), x.shape, mesh))
 

@@ -12,6 +12,7 @@ from flax import nnx
 
 from mmdit_jax.attention import LSE_NAME
 from mmdit_jax.layers import Modulation
+from mmdit_jax.sharding import constrain
 
 # Names tagged inside blocks (see layers.py and the model files; the attention kernels tag the softmax
 # statistics they keep for backward, so saving them spares backward the q k^T matmul and exp).
@@ -67,12 +68,16 @@ class Stack(nnx.Module):
             # cond shared, XLA first transposes every stacked kernel (and its gradient) on CPU
             conds = jax.numpy.broadcast_to(cond, (self.n,) + cond.shape)
             mods = jax.vmap(lambda a, s, c: nnx.merge(graphdef, a, s).modulations(c))(adaln, state, conds)
+            # whole over "tensor" (gathered here, once for all layers): each block cuts them into
+            # chunks that would otherwise straddle the shards at every layer
+            mods = jax.tree.map(lambda m: constrain(m, ("layers", "batch") + (None,) * (m.ndim - 2)), mods)
             # inside the scan the adaLN variables are only shapes: nothing reads them there
             hollow = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), adaln)
             state = (state, mods)
 
             def run(c, xs):
-                return nnx.merge(graphdef, hollow, xs[0])(c, xs[1], *args)
+                mods_i = jax.tree.map(lambda m: constrain(m, ("batch",) + (None,) * (m.ndim - 1)), xs[1])
+                return nnx.merge(graphdef, hollow, xs[0])(c, mods_i, *args)
 
         if skip is None:
             def body(c, xs):

@@ -29,6 +29,12 @@ def parse_dtype(dtype) -> type:
     return DTYPES[name]
 
 
+def default_dtype() -> str:
+    """Sampling's dtype when none is given: bfloat16 on GPU and TPU (float32 activations there take the
+    memory-hungry attention paths and half the matmul rate), float32 on CPU (exact, and as fast)."""
+    return "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32"
+
+
 def abstract_module(config, dtype=jnp.float32):
     """The model's structure with ShapeDtypeStructs for values: no memory is allocated."""
     fam = family_of_config(config)
@@ -85,29 +91,13 @@ class Transformer:
         return self._jitted(self.params, latents, sigma, context, pooled, guidance, remat=remat,
                             skip_layers=tuple(skip_layers))
 
-    def _map_variables(self, fn):
-        """A pytree shaped like `params` with fn(variable) at each leaf."""
-        return _unflatten({path: fn(v) for path, v in self._structure.template.flat_state()})
-
     def trainable_mask(self):
         """Pytree of bools over `params`: False for buffers (never updated by an optimizer)."""
-        return self._map_variables(lambda v: not isinstance(v, Buffer))
+        return self._structure.map_variables(lambda v: not isinstance(v, Buffer))
 
     def param_shardings(self, mesh, rules=None):
         """NamedShardings for `params` on `mesh`, from the logical axis annotations and rules table."""
-        from mmdit_jax.sharding import LOGICAL_RULES, variable_sharding
-
-        return self._map_variables(lambda v: variable_sharding(v, mesh, rules or LOGICAL_RULES))
-
-
-def _unflatten(flat: dict) -> dict:
-    out: dict = {}
-    for path, value in flat.items():
-        node = out
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = value
-    return out
+        return self._structure.shardings(mesh, rules)
 
 
 def transformer_weights(path, dtype="float32") -> ComponentWeights:

@@ -32,13 +32,15 @@ def test_gradients_match_torch(tmp_path):
     err = max_rel_err(g_lat, tensors[0].grad.numpy())
     print(f"grad latents: max rel err {err:.2e}")
     assert err < 1e-5
-    # internal kernels are (in, out) = torch weight transposed; stacked blocks carry a leading layer axis
+    # internal kernels are (in, out) = torch weight transposed; stacked blocks carry a leading layer axis;
+    # linear2 keeps its input in chunks (1 + m, d, out): the plain matrix is its reshape
+    linear2 = g_params["single_blocks"]["blocks"]["linear2"]["kernel"][0]
     checks = [
         (g_params["img_in"]["kernel"].T, "x_embedder.weight"),
         (g_params["guidance_in"]["in_layer"]["kernel"].T, "time_text_embed.guidance_embedder.linear_1.weight"),
         (g_params["double_blocks"]["blocks"]["txt_attn"]["q_norm"]["scale"][0],
          "transformer_blocks.0.attn.norm_added_q.weight"),
-        (g_params["single_blocks"]["blocks"]["linear2"]["kernel"][0].T,
+        (linear2.reshape(-1, linear2.shape[-1]).T,
          "single_transformer_blocks.0.proj_out.weight"),
         (g_params["final_layer"]["linear"]["bias"], "proj_out.bias"),
     ]

@@ -296,7 +296,7 @@ ref_out = merged(bf.params, lora)
 mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
 sharded = jax.device_put(bf.params, bf.param_shardings(mesh))
 qkv = sharded["groups"][0]["blocks"]["x_block"]["attn"]["qkv"]["kernel"]
-assert qkv.dtype == jnp.bfloat16 and qkv.addressable_shards[0].data.shape == (1, 32, 96)
+assert qkv.dtype == jnp.bfloat16 and qkv.addressable_shards[0].data.shape == (1, 32, 3, 32)
 l, g = step(lora, sharded, jax.random.key(0))
 out = merged(sharded, lora)
 flat = lambda t: jnp.concatenate([a.reshape(-1) for a in jax.tree.leaves(t)])

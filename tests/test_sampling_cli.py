@@ -46,6 +46,7 @@ def test_writes_reproducible_pngs_matching_diffusers(model, tmp_path):
     assert meta["prompt"] == "a red cat" and meta["negative_prompt"] == "blue sky"
     assert (meta["seed"], meta["steps"], meta["guidance"], meta["index"]) == ("7", "3", "4.0", "1")
     assert meta["model"] == os.path.abspath(folder) and meta["sampler"] == "euler"
+    assert meta["dtype"] == "float32"  # no --dtype: the CPU's default, recorded as used
     assert meta["command"].startswith("mmdit-sample ") and "--seed=7" in meta["command"]
 
     res = _run(*args, f"--out={tmp_path / 'b'}")

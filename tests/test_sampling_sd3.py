@@ -151,3 +151,39 @@ def test_bfloat16_pipeline_stays_close_to_float32(sd3):
     assert low.dtype == np.float32 and np.isfinite(low).all()
     err = float(np.abs(low - ref).max())
     assert 0 < err < 0.1, err  # bf16 weights and activations: different, but the same picture
+
+
+@pytest.mark.parametrize("platform,want", [("cpu", "float32"), ("gpu", "bfloat16"), ("tpu", "bfloat16")])
+def test_default_dtype_follows_the_backend(sd3, monkeypatch, platform, want):
+    """Without a dtype, GPU/TPU sample in bfloat16 and the CPU in float32 (loading only: nothing runs)."""
+    import jax
+    import jax.numpy as jnp
+
+    from mmdit_jax.transformer import default_dtype
+
+    _, _, folder = sd3
+    monkeypatch.setattr(jax, "default_backend", lambda: platform)
+    assert default_dtype() == want
+    pipe = mj.Pipeline.from_pretrained(folder)
+    assert pipe.transformer.dtype == pipe.vae.dtype == pipe.text_encoders.dtype == jnp.dtype(want)
+    leaves = jax.tree.leaves(pipe.transformer.params)
+    assert {x.dtype for x in leaves} == {jnp.dtype(want)}
+
+
+def test_large_latents_decode_tiled(sd3, monkeypatch):
+    """Above `tiled_decode_above` latent pixels the images come from the tiled decoder (the same pixels
+    as vae.decode_tiled, close to the whole decode); at or below it, from the whole decode."""
+    _, ours, _ = sd3
+    z = _latents(8, (1, 12, 8, 16))
+    whole = ours._output(z, "np")
+    np.testing.assert_array_equal(whole, np.asarray(ours._decode(ours._vparams, z)))
+    monkeypatch.setattr(ours, "decode_tile_size", 16)  # 8-latent tiles (the tiny VAE has factor 2)
+    monkeypatch.setattr(ours, "tiled_decode_above", 12 * 8)
+    np.testing.assert_array_equal(ours._output(z, "np"), whole)  # not above: decoded whole
+    monkeypatch.setattr(ours, "tiled_decode_above", 12 * 8 - 1)
+    tiled = ours._output(z, "np")
+    want = np.clip(np.asarray(ours.vae.decode_tiled(z, tile_size=16)) / 2 + 0.5, 0, 1)
+    np.testing.assert_array_equal(tiled, want)
+    gap = max_rel_err(tiled, whole)
+    print(f"tiled vs whole decode: max rel err {gap:.3f}")
+    assert 0 < gap < 0.25  # tests/test_vae.py's tolerance for tiles of random-weight VAEs

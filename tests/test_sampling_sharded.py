@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent("""
     for mesh in ({"fsdp": 4, "tensor": 2}, {"data": 2, "sequence": 2, "tensor": 2}):
         pipe = mj.Pipeline.from_pretrained(folder, mesh=mesh)
         w = pipe._tparams["single_blocks"]["blocks"]["linear1"]["kernel"]
-        want = P(None, "fsdp", "tensor") if "fsdp" in mesh else P(None, None, "tensor")
+        want = P(None, "fsdp", None, "tensor") if "fsdp" in mesh else P(None, None, None, "tensor")
         assert w.sharding.spec == want and dict(w.sharding.mesh.shape) == {**dict.fromkeys(MESH_AXES, 1), **mesh}
         out = pipe(["a red cat", "big sky"], height=16, width=12, num_inference_steps=3, guidance_scale=3.0,
                    seed=3, num_images_per_prompt=4, max_sequence_length=6, output_type="np")
@@ -49,7 +49,7 @@ SCRIPT = textwrap.dedent("""
                "--mesh_fsdp=4", "--mesh_tensor=2", "--noprogress", f"--out={sys.argv[3]}"])
     cli._sample()
     w = loaded[0]._tparams["single_blocks"]["blocks"]["linear1"]["kernel"]
-    assert w.sharding.spec == P(None, "fsdp", "tensor"), w.sharding
+    assert w.sharding.spec == P(None, "fsdp", None, "tensor"), w.sharding
     pngs = sorted(glob.glob(sys.argv[3] + "/*.png"))
     got = np.stack([np.asarray(Image.open(f), np.float32) / 255 for f in pngs])
     assert len(pngs) == 4 and float(np.abs(got - ref[:4]).max()) <= 1 / 255 + 1e-6

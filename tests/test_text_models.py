@@ -1,4 +1,7 @@
 """CLIP and T5 encoders against transformers on random tiny configs, loaded from transformers folders."""
+import importlib
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -109,3 +112,30 @@ def test_bf16_errors(tmp_path, rng):
                    max_rel_err(got["text_embeds"], cwant.text_embeds.numpy()))
     assert clip_err < 3e-2, clip_err
     print(f"bf16 max rel err: T5 {t5_err:.2e} CLIP {clip_err:.2e}")
+
+
+def test_t5_bias_reaches_cudnn_in_the_query_dtype(monkeypatch):
+    """cuDNN takes the bias only in q/k/v's dtype: T5 in bfloat16 passes its position bias as bfloat16
+    (cuDNN can not run on CPU: the call is recorded and answered by the XLA kernel)."""
+    from flax import nnx
+
+    attn = importlib.import_module("mmdit_jax.attention")  # the package exports a function of that name
+    from mmdit_jax.text.t5 import T5Config, T5Encoder
+
+    seen = []
+
+    def fake(q, k, v, bias=None, is_causal=False, scale=None, implementation=None):
+        seen.append((implementation, q.dtype, None if bias is None else bias.dtype))
+        return attn._xla(q, k, v, bias, is_causal, scale)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+    cfg = T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=24, layers=1, heads=4, num_buckets=8,
+                   max_distance=16)
+    enc = T5Encoder(cfg, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    ids = jnp.arange(12, dtype=jnp.int32).reshape(2, 6)
+    with attn.attention_backend("xla"):
+        want = np.asarray(enc(ids))
+    with attn.attention_backend("cudnn"):
+        got = np.asarray(enc(ids))
+    assert seen == [("cudnn", jnp.bfloat16, jnp.bfloat16)]
+    np.testing.assert_array_equal(got, want)  # the cast is exact: the table is stored in bfloat16

@@ -68,7 +68,7 @@ SCRIPT = textwrap.dedent("""
             if name == "data2_fsdp2_tensor2":  # moments live where their parameters do
                 qkv = lambda t: t["groups"][0]["blocks"]["x_block"]["attn"]["qkv"]["kernel"]
                 mu = state.opt_state.inner_states["train"].inner_state[1][0].mu
-                assert qkv(state.params).sharding.spec == P(None, "fsdp", "tensor") == qkv(mu).sharding.spec
+                assert qkv(state.params).sharding.spec == P(None, "fsdp", None, "tensor") == qkv(mu).sharding.spec
             total = sum(x.nbytes for x in jax.tree.leaves((state, b)))
             step = jit_train_step(model, tx, cfg, mesh, sh, layout, null).lower(state, b).compile()
             if shape.get("sequence", 1) > 1:
@@ -108,7 +108,7 @@ SCRIPT = textwrap.dedent("""
     for x, s in zip(jax.tree.leaves(restored), jax.tree.leaves(sh_b)):
         assert x.sharding.is_equivalent_to(s, x.ndim), (x.sharding, s)
     qkv = restored.params["groups"][0]["blocks"]["x_block"]["attn"]["qkv"]["kernel"]
-    assert qkv.sharding.mesh.shape == mesh_b.shape and qkv.sharding.spec == P(None, "fsdp", None), qkv.sharding
+    assert qkv.sharding.mesh.shape == mesh_b.shape and qkv.sharding.spec == P(None, "fsdp", None, None), qkv.sharding
     print("OK")
 """)
 

@@ -26,7 +26,8 @@ flags.DEFINE_float("guidance", None, "CFG scale (SD3) or embedded guidance (FLUX
 flags.DEFINE_integer("seed", 0, "random seed")
 flags.DEFINE_integer("num_images", 1, "images for the prompt, sampled as one batch")
 flags.DEFINE_string("out", "samples", "output folder")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter dtype")
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "parameter dtype (default: bfloat16 on GPU/TPU, "
+                  "float32 on CPU)")
 flags.DEFINE_enum("sampler", "euler", ["euler", "dpmpp_2m"], "euler (diffusers) or dpmpp_2m (SD3.5 reference)")
 flags.DEFINE_enum("schedule", "diffusers", ["diffusers", "bfl"], "sigma schedule")
 flags.DEFINE_integer("max_sequence_length", None, "T5 tokens (default 256 SD3 / 512 FLUX)")
@@ -63,10 +64,13 @@ def _parse(argv):
 
 def _settings() -> dict:
     """The flags that determine the images, as recorded in each PNG."""
+    from mmdit_jax.transformer import default_dtype
+
     names = ["model", "prompt", "negative_prompt", "height", "width", "steps", "guidance", "seed",
              "num_images", "dtype", "sampler", "schedule", "max_sequence_length", "true_cfg", "slg_layers",
              "slg_scale", "slg_start", "slg_stop", "img2img", "strength", "lora"]
     s = {n: FLAGS[n].value for n in names}
+    s["dtype"] = s["dtype"] or default_dtype()  # the dtype used, so the record reproduces the pixels
     s["model"] = os.path.abspath(s["model"])
     s["lora"] = [_abs_lora(x) for x in s["lora"]]
     if not s["lora"]:
@@ -147,7 +151,7 @@ def _sample():
     loras = [_parse_lora(x) for x in FLAGS.lora]  # checked before the model loads
     mesh = {a: getattr(FLAGS, f"mesh_{a}") for a in ("data", "fsdp", "tensor", "sequence")
             if getattr(FLAGS, f"mesh_{a}") is not None}
-    pipe = mj.Pipeline.from_pretrained(FLAGS.model, dtype=FLAGS.dtype, mesh=mesh or None)
+    pipe = mj.Pipeline.from_pretrained(FLAGS.model, dtype=settings["dtype"], mesh=mesh or None)
     if loras:
         pipe.fuse_lora([p for p, _ in loras], [s for _, s in loras])
         print(f"merged {len(loras)} LoRA adapter(s): " + ", ".join(f"{p} x{s:g}" for p, s in loras), flush=True)

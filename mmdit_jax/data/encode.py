@@ -62,7 +62,7 @@ class Encoders:
         from mmdit_jax.vae import load_vae
 
         self.vae = load_vae(path, dtype)
-        self.text = load_text_encoders(path, dtype)
+        self.text = load_text_encoders(path, dtype, mesh=local_mesh())
         self.max_sequence_length = max_sequence_length
         self.text_layout = text_layout(self.text, max_sequence_length)
         context, pooled = self.encode_text([""])
@@ -87,6 +87,18 @@ class Encoders:
     def __call__(self, images: np.ndarray, captions: list[str]) -> dict:
         context, pooled = self.encode_text(captions)
         return {"latents": self.encode_images(images), "context": context, "pooled": pooled}
+
+
+def local_mesh():
+    """FSDP over this process's devices (None with one): the text encoders' parameters are split over
+    them (T5-XXL alone is 19 GB in float32, over a 16 GB chip). Local, not the training mesh: each
+    process encodes its own captions, independently of the others."""
+    import jax
+
+    from mmdit_jax.sharding import make_mesh
+
+    devices = jax.local_devices()
+    return make_mesh({"fsdp": len(devices)}, devices) if len(devices) > 1 else None
 
 
 def load_encoders(path: str, dtype: str = "float32", max_sequence_length: int | None = None) -> Encoders:

@@ -34,6 +34,9 @@ class FluxConfig:
                              "of 4 (2x2-packed latents)")
         if self.depth < 0 or self.depth_single < 0:
             raise MMDiTError("depth and depth_single must be non-negative")
+        if self.mlp_hidden % self.hidden_size:
+            raise MMDiTError(f"mlp_ratio {self.mlp_ratio} must make the MLP width a multiple of the hidden "
+                             f"size {self.hidden_size} (single blocks keep their MLP in chunks of that width)")
 
     @property
     def hidden_size(self) -> int:

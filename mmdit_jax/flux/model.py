@@ -29,15 +29,16 @@ class StreamAttention(nnx.Module):
     def __init__(self, cfg: FluxConfig, *, param_dtype, rngs):
         d = cfg.hidden_size
         self.heads = cfg.num_heads
-        self.qkv = Linear(d, 3 * d, axes=("embed", "qkv"), use_bias=cfg.qkv_bias, param_dtype=param_dtype,
-                          rngs=rngs)
+        # (in, 3, d): q, k and v each split by heads over "tensor" (see layers.Linear)
+        self.qkv = Linear(d, (3, d), axes=("embed", None, "qkv"), use_bias=cfg.qkv_bias,
+                          param_dtype=param_dtype, rngs=rngs)
         self.q_norm = RMSNorm(cfg.head_dim, param_dtype=param_dtype, rngs=rngs)
         self.k_norm = RMSNorm(cfg.head_dim, param_dtype=param_dtype, rngs=rngs)
         self.proj = Linear(d, d, axes=("heads", "embed"), param_dtype=param_dtype, rngs=rngs)
 
     def qkv_heads(self, x):
         qkv = checkpoint_name(self.qkv(x), "qkv")
-        q, k, v = (split_heads(t, self.heads) for t in jnp.split(qkv, 3, axis=-1))
+        q, k, v = (split_heads(qkv[..., i, :], self.heads) for i in range(3))
         return self.q_norm(q), self.k_norm(k), v
 
 
@@ -74,22 +75,26 @@ class DoubleBlock(nnx.Module):
         img = img + im[5][:, None] * self.img_mlp(modulate(layer_norm(img), im[3], im[4]))
         txt = txt + tm[2][:, None] * self.txt_attn.proj(out_t)
         txt = txt + tm[5][:, None] * self.txt_mlp(modulate(layer_norm(txt), tm[3], tm[4]))
-        return txt, img
+        return constrain(txt, TOKENS), constrain(img, TOKENS)
 
 
 class SingleBlock(nnx.Module):
     """One stream over the joint sequence: attention and MLP computed in parallel from one input.
 
-    linear1 emits [q, k, v, mlp_in] in one matmul; linear2 reads [attn_out, gelu(mlp_in)]."""
+    linear1 emits [q, k, v, mlp_in] in one matmul; linear2 reads [attn_out, gelu(mlp_in)]. Both keep
+    these in chunks of width d on an axis of their own ((d, 3 + m, d) and (1 + m, d, d), m = mlp / d):
+    sharding the width over "tensor" splits q, k, v by heads and the MLP by columns, with no chunk
+    crossing a shard."""
 
     def __init__(self, cfg: FluxConfig, *, param_dtype, rngs):
         d, kw = cfg.hidden_size, dict(param_dtype=param_dtype, rngs=rngs)
         self.heads, self.hidden = cfg.num_heads, d
+        m = cfg.mlp_hidden // d
         self.modulation = Modulation(d, 3, **kw)  # shift, scale, gate
-        self.linear1 = Linear(d, 3 * d + cfg.mlp_hidden, axes=("embed", "mlp"), **kw)
+        self.linear1 = Linear(d, (3 + m, d), axes=("embed", None, "mlp"), **kw)
         self.q_norm = RMSNorm(cfg.head_dim, **kw)
         self.k_norm = RMSNorm(cfg.head_dim, **kw)
-        self.linear2 = Linear(d + cfg.mlp_hidden, d, axes=("mlp", "embed"), **kw)
+        self.linear2 = Linear((1 + m, d), d, axes=(None, "mlp", "embed"), **kw)
 
     def modulations(self, vec):
         return self.modulation.project(vec)
@@ -97,14 +102,14 @@ class SingleBlock(nnx.Module):
     def __call__(self, x, mods, cos, sin):
         x = constrain(x, TOKENS)
         shift, scale, gate = self.modulation.split(mods)
-        h = self.linear1(modulate(layer_norm(x), shift, scale))
-        qkv, mlp = h[..., :3 * self.hidden], h[..., 3 * self.hidden:]
-        qkv = checkpoint_name(qkv, "qkv")
-        q, k, v = (split_heads(t, self.heads) for t in jnp.split(qkv, 3, axis=-1))
+        h = self.linear1(modulate(layer_norm(x), shift, scale))  # (B, L, 3 + m, d)
+        qkv, mlp = checkpoint_name(h[..., :3, :], "qkv"), h[..., 3:, :]
+        q, k, v = (split_heads(qkv[..., i, :], self.heads) for i in range(3))
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         attn = checkpoint_name(attention(q, k, v), "attn_out")
         mlp = checkpoint_name(gelu_tanh(mlp), "mlp_hidden")
-        return x + gate[:, None] * self.linear2(jnp.concatenate([merge_heads(attn), mlp], axis=-1))
+        out = x + gate[:, None] * self.linear2(jnp.concatenate([merge_heads(attn)[..., None, :], mlp], axis=-2))
+        return constrain(out, TOKENS)
 
 
 def pack(latents):
@@ -158,6 +163,9 @@ class Flux(nnx.Module):
         dtype = self.img_in.kernel[...].dtype
         img = self.img_in(pack(latents.astype(dtype)))
         txt = self.txt_in(context.astype(dtype))
+        # the blocks' scans carry these whole over "tensor": computed split, they would be gathered
+        # inside them
+        img, txt = constrain(img, TOKENS), constrain(txt, TOKENS)
         sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (b,))
         vec = self.time_in(timestep_embedding(TIME_FACTOR * sigma))
         if self.guidance_in is not None:
@@ -169,8 +177,10 @@ class Flux(nnx.Module):
         if self.double_blocks is not None:
             txt, img = self.double_blocks((txt, img), cos, sin, cond=vec, remat=remat)
         n_txt = txt.shape[1]
-        x = jnp.concatenate([txt, img], axis=1)
+        x = constrain(jnp.concatenate([txt, img], axis=1), TOKENS)
         if self.single_blocks is not None:
             x = self.single_blocks(x, cos, sin, cond=vec, remat=remat)
-        img = x[:, n_txt:]  # text tokens are dropped: only image tokens are predicted
+        # whole over "tensor" here too: the final layer's split adaLN would otherwise pull the scans'
+        # carries apart
+        img = constrain(x, TOKENS)[:, n_txt:]  # text tokens are dropped: only image tokens are predicted
         return unpack(self.final_layer(img, vec), hh, ww)

@@ -20,7 +20,7 @@ def _qk_norm(path, d_q, d_k, o_prefix):
 
 def _stream_rules(cfg: FluxConfig, s: str, qkv_names, norm_names, proj, ff):
     """One stream (s = "img" or "txt") of a double block."""
-    qkv = linear(f"{s}_attn.qkv", [f"attn.{n}" for n in qkv_names], f"{s}_attn.qkv")
+    qkv = linear(f"{s}_attn.qkv", [f"attn.{n}" for n in qkv_names], f"{s}_attn.qkv", reshaped=1)
     if not cfg.qkv_bias:
         qkv = qkv[:1]
     return [
@@ -43,11 +43,12 @@ def single_block_rules(cfg: FluxConfig):
     h = cfg.hidden_size
     return [
         *linear("modulation.lin", "norm.linear", "modulation.lin"),
-        # BFL fuses q, k, v and the MLP input in linear1; diffusers keeps four Linears
+        # BFL fuses q, k, v and the MLP input in linear1; diffusers keeps four Linears. Both are stored
+        # in chunks of width h (see SingleBlock)
         *linear("linear1", ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"], "linear1",
-                parts=(h, h, h, cfg.mlp_hidden)),
+                parts=(h, h, h, cfg.mlp_hidden), reshaped=1),
         *_qk_norm("", "attn.norm_q", "attn.norm_k", "norm"),
-        *linear("linear2", "proj_out", "linear2"),
+        *linear("linear2", "proj_out", "linear2", reshaped=2),
     ]
 
 

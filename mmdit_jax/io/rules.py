@@ -13,6 +13,9 @@ qkv). `kind` says how the tensor is stored externally:
 keeps attention projections as 1x1 convs where diffusers has Linears).
 `swapped_in` lists layouts that store the two halves of the output axis in the other order (diffusers'
 AdaLayerNormContinuous keeps (scale, shift) where the internal and original order is (shift, scale)).
+`reshaped` > 0: the internal array is the plain (in, out) matrix (a bias: the plain vector) reshaped,
+row-major, to the model's shape, whose first `reshaped` axes span the input (fused projections that
+keep their parts on an axis of their own, see layers.Linear); the numbers are the same bit for bit.
 
 A plan is a list of `Entry`s: a rule placed at an internal path, either single or stacked over blocks
 (per layout, one external key prefix per stacked block). The same plan drives import and export, so the two can not
@@ -35,12 +38,23 @@ class Rule:
     kind: str | Mapping[str, str] = "linear"
     swapped_in: tuple[str, ...] = ()
     parts: tuple[int, ...] | None = None  # output sizes of the keys when they are not equal
+    reshaped: int = 0
 
 
-def rule(path, diffusers, original, kind="linear", swapped_in=(), parts=None):
+def rule(path, diffusers, original, kind="linear", swapped_in=(), parts=None, reshaped=0):
     as_tuple = lambda k: (k,) if isinstance(k, str) else tuple(k)
     return Rule(path, {"diffusers": as_tuple(diffusers), "original": as_tuple(original)},
-                kind, tuple(swapped_in), parts)
+                kind, tuple(swapped_in), parts, reshaped)
+
+
+def plain_shape(rule: Rule, shape: tuple, layout: str) -> tuple:
+    """The shape of the plain matrix / vector that an internal array of `shape` holds (`reshaped`)."""
+    shape = tuple(shape)
+    if not rule.reshaped:
+        return shape
+    if kind_of(rule, layout) == "linear":
+        return (int(np.prod(shape[:rule.reshaped])), int(np.prod(shape[rule.reshaped:])))
+    return (int(np.prod(shape)),)
 
 
 def linear(path, diffusers, original, **kw):
@@ -126,6 +140,7 @@ def to_internal(rule: Rule, arrays: Sequence[np.ndarray], layout: str) -> np.nda
 def from_internal(rule: Rule, a: np.ndarray, layout: str, patch: int | None = None) -> list[np.ndarray]:
     n = len(rule.keys[layout])
     kind = kind_of(rule, layout)
+    a = a.reshape(plain_shape(rule, a.shape, layout))
     if kind == "conv":
         return [np.ascontiguousarray(a.transpose(3, 2, 0, 1))]
     if kind == "pointwise":
@@ -174,7 +189,7 @@ def external_shapes(rule: Rule, shape: tuple, layout: str, patch: int | None = N
     """The shapes `from_internal` gives for an internal array of `shape` (checked like internal_shape)."""
     n = len(rule.keys[layout])
     kind = kind_of(rule, layout)
-    s = tuple(shape)
+    s = plain_shape(rule, shape, layout)
     if kind == "conv":
         return [(s[3], s[2], s[0], s[1])]
     if kind == "pointwise":
@@ -258,7 +273,8 @@ def check(plan: Sequence[Entry], tensors: Mapping, layout: str, template: Mappin
             missing.extend(absent)
             continue
         # stacked: every block must have the per-block shape; name the first that does not
-        want_shape = tuple(target.shape[1:] if entry.prefixes is not None else target.shape)
+        want_shape = plain_shape(entry.rule, target.shape[1:] if entry.prefixes is not None else target.shape,
+                                 layout)
         if entry.prefixes is not None and target.shape[0] != len(names):
             raise AssertionError(f"plan path {entry.path}: {len(names)} blocks for shape {target.shape}")
         wrong = next(((group, shape) for group in names
@@ -295,10 +311,12 @@ def build(item: Item, tensors: Mapping, layout: str) -> np.ndarray:
     rule = item.entry.rule
     out = np.empty(tuple(item.target.shape), dtype)
     if item.entry.prefixes is None:
-        copy_into(out, to_internal(rule, [tensors[n] for n in item.names[0]], layout))
+        copy_into(out.reshape(plain_shape(rule, out.shape, layout)),
+                  to_internal(rule, [tensors[n] for n in item.names[0]], layout))
         return out
     for i, group in enumerate(item.names):
-        copy_into(out[i], to_internal(rule, [tensors[n] for n in group], layout))
+        copy_into(out[i].reshape(plain_shape(rule, out.shape[1:], layout)),
+                  to_internal(rule, [tensors[n] for n in group], layout))
     return out
 
 

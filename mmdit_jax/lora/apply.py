@@ -12,6 +12,7 @@ in their output columns): one low-rank product per Linear, scanned with its bloc
 from __future__ import annotations
 
 import functools
+import math
 from typing import Sequence
 
 import jax
@@ -33,7 +34,12 @@ class LoraLinear(Linear):
 
     def __init__(self, base: Linear, rank: int, dtype, rate: float, with_key: bool):
         self.kernel, self.bias = base.kernel, base.bias
-        lead, (din, dout) = base.kernel.shape[:-2], base.kernel.shape[-2:]
+        self.n_in, self.n_out = base.n_in, base.n_out
+        shape = base.kernel.shape
+        lead = shape[:len(shape) - self.n_in - self.n_out]
+        # the factors act on the plain (in, out) matrix that a fused kernel reshapes (layers.Linear)
+        cut = len(lead) + self.n_in
+        din, dout = math.prod(shape[len(lead):cut]), math.prod(shape[cut:])
         sds = lambda shape, dt: LoraState(jax.ShapeDtypeStruct(lead + shape, dt))
         self.lora_a = sds((din, rank), dtype)
         self.lora_b = sds((rank, dout), dtype)
@@ -49,7 +55,11 @@ class LoraLinear(Linear):
             keep = jax.random.bernoulli(jax.random.wrap_key_data(self.lora_key[...]), 1.0 - self.rate,
                                         h.shape)
             h = jnp.where(keep, h / (1.0 - self.rate), 0).astype(h.dtype)
-        d = jnp.dot(jnp.dot(h, a) * self.lora_scale[...].astype(a.dtype), self.lora_b[...])
+        k = self.kernel.shape  # inside the block scan: one block's kernel
+        a = a.reshape(k[:self.n_in] + a.shape[-1:])
+        b = self.lora_b[...]
+        b = b.reshape(b.shape[:1] + k[self.n_in:])
+        d = jnp.tensordot(jnp.tensordot(h, a, axes=self.n_in) * self.lora_scale[...].astype(a.dtype), b, axes=1)
         return y + d.astype(y.dtype)
 
 
@@ -85,10 +95,10 @@ def _check(loras, scales):
     return loras, list(scales)
 
 
-def factors(loras: Sequence[LoRA], scales, key: str, kernel_shape) -> tuple:
+def factors(loras: Sequence[LoRA], scales, key: str, matrix_shape) -> tuple:
     """(A, B, scale) of every part of every adapter on one Linear, concatenated on the rank axis:
     A (..., in, R), B (..., R, out), scale (..., R); `...` is the stacked rows axis if any."""
-    lead, (din, dout) = tuple(kernel_shape[:-2]), tuple(kernel_shape[-2:])
+    lead, (din, dout) = tuple(matrix_shape[:-2]), tuple(matrix_shape[-2:])
     aa, bb, cc = [], [], []
     for lora, s in zip(loras, scales):
         for name, part in sorted(lora.parts.get(key, {}).items()):
@@ -118,6 +128,14 @@ def factors(loras: Sequence[LoRA], scales, key: str, kernel_shape) -> tuple:
             jnp.concatenate([b.astype(dtype) for b in bb], -2), jnp.concatenate(cc, -1))
 
 
+def _matrix_shape(loras, key: str, kernel_shape) -> tuple:
+    """(*lead, in, out): the stacked rows and the plain matrix of a kernel stored fused (reshaped,
+    see layers.Linear); the factors' A gives the rows and the input width."""
+    a = next(lora.weights[key][name]["A"] for lora in loras if key in lora.parts for name in lora.parts[key])
+    lead, din = tuple(kernel_shape[:a.ndim - 2]), a.shape[-2]
+    return lead + (din, math.prod(kernel_shape[len(lead):]) // din)
+
+
 def _keys(loras):
     keys = sorted({k for lora in loras for k in lora.parts})
     families = {lora.family for lora in loras}
@@ -136,9 +154,9 @@ def merge(params, loras: LoRA | Sequence[LoRA], scales=None):
     for key in _keys(loras):
         node = _copy_path(out, _path(key))
         kernel = node["kernel"]
-        a, b, c = factors(loras, scales, key, kernel.shape)
+        a, b, c = factors(loras, scales, key, _matrix_shape(loras, key, kernel.shape))
         delta = jnp.einsum("...ir,...ro->...io", a * c[..., None, :].astype(a.dtype), b,
-                           precision=jax.lax.Precision.HIGHEST)
+                           precision=jax.lax.Precision.HIGHEST).reshape(kernel.shape)
         wide = jnp.promote_types(kernel.dtype, delta.dtype)
         node["kernel"] = (kernel.astype(wide) + delta.astype(wide)).astype(kernel.dtype)
     return out
@@ -191,11 +209,12 @@ def apply_lora(model, params, loras: LoRA | Sequence[LoRA], latents, sigma, cont
     spec = []
     for i, key in enumerate(keys):
         node = _copy_path(aug, _path(key))
-        a, b, c = factors(loras, scales, key, node["kernel"].shape)
+        matrix = _matrix_shape(loras, key, node["kernel"].shape)
+        a, b, c = factors(loras, scales, key, matrix)
         node.update(lora_a=a, lora_b=b, lora_scale=c)
         if drop:
             k = jax.random.fold_in(_as_key(rng), i)
-            lead = node["kernel"].shape[:-2]
+            lead = matrix[:-2]
             k = jax.random.split(k, lead[0]) if lead else k
             node["lora_key"] = jax.random.key_data(k)
         spec.append((key, a.shape[-1], jnp.dtype(a.dtype).name, drop))

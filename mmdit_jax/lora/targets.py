@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 
 from mmdit_jax.errors import MMDiTError
@@ -88,7 +89,9 @@ def targets(config) -> tuple[Target, ...]:
         if e.path[-1] != "kernel" or kind_of(r, "diffusers") != "linear" or kind_of(r, "original") != "linear":
             continue
         shape = flat[e.path]
-        din, dout = shape[-2], shape[-1]
+        per_block = shape[1:] if e.prefixes is not None else shape
+        n_in = r.reshaped or 1  # a fused kernel is the (in, out) matrix reshaped (io.rules)
+        din, dout = math.prod(per_block[:n_in]), math.prod(per_block[n_in:])
         d_keys = [_strip(k) for k in r.keys["diffusers"]]
         if len(r.keys["original"]) != 1:
             raise AssertionError(f"{e.path}: the original layout is expected to hold one fused Linear")

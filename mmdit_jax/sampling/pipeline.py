@@ -41,6 +41,12 @@ class Defaults:
 
 
 class Pipeline:
+    # Latents with more pixels than this decode tile by tile (tiles of `decode_tile_size` image pixels,
+    # diffusers' enable_tiling default): the VAE's mid-block attention over h*w latent tokens is
+    # quadratic, ~1 GB per example at 128x128 latents (1024 px images) and 16x that at 2048 px.
+    tiled_decode_above = 128 * 128
+    decode_tile_size = 512
+
     def __init__(self, transformer, vae, text_encoders, scheduler: schedules.SchedulerConfig, name: str = "",
                  mesh=None):
         self.transformer, self.vae, self.text_encoders, self.scheduler = transformer, vae, text_encoders, scheduler
@@ -68,30 +74,35 @@ class Pipeline:
         else:
             devices = jax.local_devices()
             self.mesh = Mesh(np.array(devices), ("data",)) if len(devices) > 1 else None
-        self._tparams = self._place(transformer.params)
-        vparams = vae.params
-        self._vparams = vparams if self.mesh is None else jax.device_put(vparams, NamedSharding(self.mesh, P()))
+        self._set_transformer_params(transformer.params)
+        if self.mesh is not None:  # the placed copy replaces the loaded one (one VAE in memory)
+            vae.params = jax.device_put(vae.params, NamedSharding(self.mesh, P()))
+        self._vparams = vae.params
         apply = transformer.apply
         self._denoise = make_denoise(lambda p, x, s, c, y, g, skip: apply(p, x, s, c, y, g, skip_layers=skip),
                                      self.progress)
         decode = vae.decode_apply
         self._decode = jax.jit(lambda p, z: jnp.clip(decode(p, z) / 2 + 0.5, 0.0, 1.0))
 
-    def _place(self, tparams):
-        if self.mesh is None:
-            return tparams
-        if self._sharded:
-            return jax.device_put(tparams, self.transformer.param_shardings(self.mesh))
-        return jax.device_put(tparams, NamedSharding(self.mesh, P()))
+    def _set_transformer_params(self, tparams):
+        """Places `tparams` on the mesh and keeps only the placed copy: `transformer.params` is replaced
+        too, else the loaded arrays (on device 0) would stay alive next to their placed copies."""
+        if self.mesh is not None:
+            sh = (self.transformer.param_shardings(self.mesh) if self._sharded
+                  else NamedSharding(self.mesh, P()))
+            tparams = jax.device_put(tparams, sh)
+        self.transformer.params = self._tparams = tparams
 
     @classmethod
-    def from_pretrained(cls, path, dtype="float32", mesh=None) -> "Pipeline":
-        """Transformer, VAE, text encoders and scheduler config of a model folder. `mesh`: see the module
+    def from_pretrained(cls, path, dtype=None, mesh=None) -> "Pipeline":
+        """Transformer, VAE, text encoders and scheduler config of a model folder. `dtype` None: bfloat16
+        on GPU/TPU, float32 on CPU (`mmdit_jax.transformer.default_dtype`). `mesh`: see the module
         docstring; the transformer's parameters are then read straight into their shards."""
         from mmdit_jax.text import load_text_encoders
-        from mmdit_jax.transformer import load_transformer
+        from mmdit_jax.transformer import default_dtype, load_transformer
         from mmdit_jax.vae import load_vae
 
+        dtype = default_dtype() if dtype is None else dtype
         path = os.fspath(path)
         if not os.path.exists(path):
             raise MMDiTError(f"{path}: no such model folder")
@@ -99,7 +110,7 @@ class Pipeline:
         mesh = None if mesh is None else as_mesh(mesh)
         transformer = load_transformer(path, dtype, mesh=mesh)
         vae = load_vae(path, dtype)
-        text = load_text_encoders(path, dtype)
+        text = load_text_encoders(path, dtype, mesh=mesh)
         if text.family != transformer.config.family:
             raise MMDiTError(f"{path}: text encoders are {text.family}'s but the transformer is "
                              f"{transformer.config.family}")
@@ -115,9 +126,7 @@ class Pipeline:
 
         items = loras if isinstance(loras, (list, tuple)) else [loras]
         items = [load_lora(x, self.transformer) if isinstance(x, (str, os.PathLike)) else x for x in items]
-        params = jax.jit(merge)(self.transformer.params, items, scales)
-        self.transformer.params = params
-        self._tparams = self._place(params)
+        self._set_transformer_params(jax.jit(merge)(self.transformer.params, items, scales))
         return self
 
     # -- settings -----------------------------------------------------------------------------------
@@ -249,7 +258,11 @@ class Pipeline:
     def _output(self, latents, output_type):
         if output_type == "latent":
             return latents
-        images = np.asarray(self._decode(self._vparams, latents))
+        if latents.shape[1] * latents.shape[2] > self.tiled_decode_above:
+            decoded = self.vae.decode_tiled(latents, tile_size=self.decode_tile_size)
+            images = np.clip(np.asarray(decoded, np.float32) / 2 + 0.5, 0.0, 1.0)
+        else:
+            images = np.asarray(self._decode(self._vparams, latents))
         return images if output_type == "np" else to_pil(images)
 
     def __call__(self, prompt, negative_prompt=None, height=None, width=None, num_inference_steps=None,

@@ -41,14 +41,15 @@ class QKV(nnx.Module):
 
     def __init__(self, dim: int, heads: int, qk_norm: bool, *, param_dtype, rngs):
         self.heads = heads
-        self.qkv = Linear(dim, 3 * dim, axes=("embed", "qkv"), param_dtype=param_dtype, rngs=rngs)
+        # (in, 3, dim): q, k and v each split by heads over "tensor" (see layers.Linear)
+        self.qkv = Linear(dim, (3, dim), axes=("embed", None, "qkv"), param_dtype=param_dtype, rngs=rngs)
         hd = dim // heads
         self.q_norm = RMSNorm(hd, param_dtype=param_dtype, rngs=rngs) if qk_norm else None
         self.k_norm = RMSNorm(hd, param_dtype=param_dtype, rngs=rngs) if qk_norm else None
 
     def __call__(self, x):
         qkv = checkpoint_name(self.qkv(x), "qkv")
-        q, k, v = (split_heads(t, self.heads) for t in jnp.split(qkv, 3, axis=-1))
+        q, k, v = (split_heads(qkv[..., i, :], self.heads) for i in range(3))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
@@ -115,7 +116,7 @@ class JointBlock(nnx.Module):
         new_x = new_x + xm[5][:, None] * self.x_block.mlp(modulate(layer_norm(new_x), xm[3], xm[4]))
         if not self.pre_only:
             ctx = self.context_block.update(ctx, out_c, cm[3], cm[4], cm[2], cm[5])
-        return ctx, new_x
+        return constrain(ctx, TOKENS), constrain(new_x, TOKENS)
 
 
 class MMDiT(nnx.Module):
@@ -169,12 +170,17 @@ class MMDiT(nnx.Module):
             g = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (b,))
             c = c + self.g_embedder(timestep_embedding(1000.0 * g))
         ctx = self.context_embedder(context.astype(dtype))
+        # the blocks' scan carries these whole over "tensor": computed split, they would be gathered
+        # inside it
+        ctx, x = constrain(ctx, TOKENS), constrain(x, TOKENS)
         bad = [i for i in skip_layers if not 0 <= i < cfg.num_layers]
         if bad:
             raise MMDiTError(f"skip_layers {bad} outside blocks 0..{cfg.num_layers - 1}")
         for group, (_, idx) in zip(self.groups, cfg.groups()):
             skip = [i in skip_layers for i in idx] if skip_layers else None
             ctx, x = group((ctx, x), cond=c, remat=remat, skip=skip)
-        x = self.final_layer(x, c)
+        # whole over "tensor" here too: the final layer's split adaLN would otherwise pull the scan's
+        # carry apart
+        x = self.final_layer(constrain(x, TOKENS), c)
         x = x.reshape(b, h, w, p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
         return x.reshape(b, hh, ww, cfg.out_channels)

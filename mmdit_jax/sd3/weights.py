@@ -9,7 +9,8 @@ ORIGINAL_PREFIX = "model.diffusion_model."
 
 
 def _qkv(path, d_mod, d_names, o_mod):
-    return linear(path, [f"{d_mod}.{n}" for n in d_names], f"{o_mod}.qkv")
+    # stored (in, 3, width): see QKV
+    return linear(path, [f"{d_mod}.{n}" for n in d_names], f"{o_mod}.qkv", reshaped=1)
 
 
 def block_rules(dual: bool, pre_only: bool):

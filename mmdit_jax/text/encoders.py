@@ -115,8 +115,9 @@ class FluxTextEncoders:
         return self._fn((self.clip.params, self.t5.params), ids_clip, ids_t5)
 
 
-def load_text_encoders(path, dtype="float32"):
-    """The text encoders of a diffusers SD3/SD3.5 or FLUX.1 pipeline folder.
+def load_text_encoders(path, dtype="float32", mesh=None):
+    """The text encoders of a diffusers SD3/SD3.5 or FLUX.1 pipeline folder; with `mesh`, their
+    parameters are sharded over it by the logical-axis rules, as the transformer's are.
 
     Returns `enc` with `enc(prompts, max_sequence_length=None) -> (context, pooled)` jax arrays."""
     dtype = parse_dtype(dtype)
@@ -132,14 +133,14 @@ def load_text_encoders(path, dtype="float32"):
         return load_tokenizer(path, name, _component(index, name))
 
     if cls.startswith("StableDiffusion3"):
-        clip_l = load_clip(path, dtype, subfolder="text_encoder")
-        clip_g = load_clip(path, dtype, subfolder="text_encoder_2")
+        clip_l = load_clip(path, dtype, subfolder="text_encoder", mesh=mesh)
+        clip_g = load_clip(path, dtype, subfolder="text_encoder_2", mesh=mesh)
         for name, enc in (("text_encoder", clip_l), ("text_encoder_2", clip_g)):
             if enc.config.projection_dim is None:
                 raise MMDiTError(f"{path}/{name}: SD3 needs CLIPTextModelWithProjection weights "
                                  "(no text_projection.weight found)")
         has_t5 = _component(index, "text_encoder_3") is not None
-        t5 = load_t5(path, dtype, subfolder="text_encoder_3") if has_t5 else None
+        t5 = load_t5(path, dtype, subfolder="text_encoder_3", mesh=mesh) if has_t5 else None
         joint = 4096
         tcfg = os.path.join(path, "transformer", "config.json")
         if os.path.isfile(tcfg):
@@ -147,8 +148,8 @@ def load_text_encoders(path, dtype="float32"):
         toks = (tok("tokenizer"), tok("tokenizer_2"), tok("tokenizer_3") if has_t5 else None)
         return SD3TextEncoders(clip_l, clip_g, t5, toks, joint, dtype)
     if cls.startswith("Flux"):
-        clip = load_clip(path, dtype, subfolder="text_encoder")
-        t5 = load_t5(path, dtype, subfolder="text_encoder_2")
+        clip = load_clip(path, dtype, subfolder="text_encoder", mesh=mesh)
+        t5 = load_t5(path, dtype, subfolder="text_encoder_2", mesh=mesh)
         return FluxTextEncoders(clip, t5, (tok("tokenizer"), tok("tokenizer_2")), dtype)
     raise MMDiTError(f"{index_path}: unsupported pipeline class {cls!r} (expected StableDiffusion3Pipeline "
                      "or FluxPipeline)")

@@ -92,8 +92,9 @@ class T5Layer(nnx.Module):
     def __call__(self, x, bias):
         h = self.ln_attn(x)
         q, k, v = (split_heads(f(h), self.heads) for f in (self.q, self.k, self.v))
-        # no 1/sqrt(d) scale: T5 folds it into the initialisation of q
-        out = attention(q, k, v, bias=bias, scale=1.0)
+        # no 1/sqrt(d) scale: T5 folds it into the initialisation of q. cuDNN needs the bias in q's
+        # dtype; the cast is exact, the table's values come from `rel_bias`, stored in that dtype
+        out = attention(q, k, v, bias=bias.astype(q.dtype), scale=1.0)
         x = x + self.o(merge_heads(out)).astype(jnp.float32)
         h = self.ln_ff(x)
         g = jax.nn.gelu(self.wi_0(h), approximate=True) * self.wi_1(h)

@@ -285,17 +285,25 @@ def clip_weights(path, dtype=jnp.float32, *, subfolder: str = "text_encoder", pr
     return ComponentWeights(cfg, template, src.origin, clip_plan(cfg), view, LAYOUT)
 
 
+def _loaded(module_cls, w: ComponentWeights, dtype, mesh) -> Loaded:
+    """`w`'s parameters read straight into their shards on `mesh` (the logical-axis rules, as for the
+    transformer) when given, else onto the default device."""
+    structure = _structure(module_cls, w.config, parse_dtype(dtype))
+    return Loaded(w.config, structure, w.params(structure.shardings(mesh) if mesh is not None else None))
+
+
 def load_clip(path, dtype=jnp.float32, *, subfolder: str = "text_encoder", prefix: str | None = None,
-              act: str | None = None, identity_projection: bool = False) -> Loaded:
+              act: str | None = None, identity_projection: bool = False, mesh=None) -> Loaded:
     """A CLIP text tower from a pipeline folder, a transformers folder, an Orbax folder written by
     mmdit-convert, or a single file.
 
     `prefix` picks a model inside a single file ("clip_l", "clip_g" or a literal key prefix).
     `identity_projection`: give a file without `text_projection` an identity one, as diffusers does for
-    the CLIP-L bundled in SD3 files (SD3 uses CLIPTextModelWithProjection's text_embeds)."""
+    the CLIP-L bundled in SD3 files (SD3 uses CLIPTextModelWithProjection's text_embeds).
+    `mesh`: parameters sharded over it by the logical-axis rules."""
     w = clip_weights(path, dtype, subfolder=subfolder, prefix=prefix, act=act,
                      identity_projection=identity_projection)
-    return Loaded(w.config, _structure(CLIPText, w.config, parse_dtype(dtype)), w.params())
+    return _loaded(CLIPText, w, dtype, mesh)
 
 
 def t5_weights(path, dtype=jnp.float32, *, subfolder: str = "text_encoder_3",
@@ -317,8 +325,10 @@ def t5_weights(path, dtype=jnp.float32, *, subfolder: str = "text_encoder_3",
     return ComponentWeights(cfg, template, src.origin, t5_plan(cfg), view, LAYOUT)
 
 
-def load_t5(path, dtype=jnp.float32, *, subfolder: str = "text_encoder_3", prefix: str | None = None) -> Loaded:
+def load_t5(path, dtype=jnp.float32, *, subfolder: str = "text_encoder_3", prefix: str | None = None,
+            mesh=None) -> Loaded:
     """A T5 encoder from a pipeline folder, a transformers folder, an Orbax folder written by
-    mmdit-convert, or a single file (`prefix`: "t5xxl" or a literal key prefix inside a bundled file)."""
+    mmdit-convert, or a single file (`prefix`: "t5xxl" or a literal key prefix inside a bundled file).
+    `mesh`: parameters sharded over it by the logical-axis rules (T5-XXL is 19 GB in float32)."""
     w = t5_weights(path, dtype, subfolder=subfolder, prefix=prefix)
-    return Loaded(w.config, _structure(T5Encoder, w.config, parse_dtype(dtype)), w.params())
+    return _loaded(T5Encoder, w, dtype, mesh)

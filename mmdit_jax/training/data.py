@@ -25,7 +25,7 @@ def factories() -> dict[str, Callable]:
 
 
 def make_data(cfg, *, seed: int, encoders_path, process_index: int, process_count: int):
-    kw = dict(batch_size=cfg.batch_size, seed=seed, encoders_path=encoders_path, dtype="float32",
+    kw = dict(batch_size=cfg.batch_size, seed=seed, encoders_path=encoders_path, dtype=cfg.model.compute_dtype,
               process_index=process_index, process_count=process_count)
     if cfg.data_factory is not None:
         return _FACTORIES[cfg.data_factory](cfg.data, **kw)

@@ -221,19 +221,19 @@ def _validation(cfg, model, data, start_state, put, batch_sh, mode=None, frozen=
 
 
 def _sampler(cfg, model, encoders, data, mode=None, frozen=None, mesh=None):
-    from mmdit_jax.text import load_text_encoders
+    from mmdit_jax.data.encode import load_encoders
     from mmdit_jax.training.samples import sample_latents, to_grid
     from mmdit_jax.training.step import cast_floats
     from mmdit_jax.training.timesteps import shift_factor
-    from mmdit_jax.vae import load_vae
 
-    # the data's own encoders when it has them (no second copy in memory), else the folder's
-    own = getattr(data, "encoders", None)
-    enc = own.text if own is not None else load_text_encoders(encoders)
-    vae = own.vae if own is not None else load_vae(encoders)
+    # the data's own encoders when it has them (no second copy in memory), else the folder's, loaded as
+    # the data would load them: in the compute dtype, text encoders sharded over the local devices
+    enc = getattr(data, "encoders", None) or load_encoders(encoders, cfg.model.compute_dtype,
+                                                           cfg.data.max_sequence_length)
+    vae = enc.vae
     lg = cfg.log
-    ctx, pooled = enc(list(lg.sample_prompts), max_sequence_length=cfg.data.max_sequence_length)
-    null_ctx, null_pooled = enc([""], max_sequence_length=cfg.data.max_sequence_length)
+    ctx, pooled = enc.encode_text(list(lg.sample_prompts))  # host arrays: constants of the jitted loop
+    null_ctx, null_pooled = enc.encode_text([""])
     side = lg.sample_resolution // vae.config.downsample_factor
     side -= side % 2
     ch = vae.config.latent_channels
