@@ -39,6 +39,14 @@ def _setup_env(tiny: bool) -> None:
     else:
         os.environ.setdefault("JAX_PLATFORMS", "cuda")
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if not tiny and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        # one fresh cache per run (inherited by the sections' processes): a program compiled twice, as
+        # sampling_loop's memory analysis does, is compiled once; first-call times stay cold
+        import tempfile
+
+        os.environ.update(JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="accelerator_jax_cache_"),
+                          JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                          JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     if HERE not in sys.path:
         sys.path.insert(0, HERE)
 

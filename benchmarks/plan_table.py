@@ -63,22 +63,27 @@ def worker(devices, remats, out, compile_step, done):
 
 
 def _gb(n):
-    return f"{n / 1e9:.1f}"
+    return f"{n / 1e9:.2f}"
 
 
 def table(records) -> str:
+    """GB = 1e9 bytes. `fits`: the accelerators (GB) whose USABLE share holds the step: on the exact
+    state alone, and with XLA's temporaries where the step was compiled."""
     from mmdit_jax.training.plan import total_bytes
 
-    lines = ["| setup | devices | remat | params | optimizer | EMA | frozen | batch | temporaries | total | "
-             "fits (GB) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    def fits(n):
+        return ", ".join(str(g) for g in ACCELERATORS_GB if n <= USABLE * g * 1e9) or "none"
+
+    lines = ["| setup | devices | remat | params | optimizer | EMA | frozen | batch | state (exact) | fits, state "
+             "only | temporaries (XLA:CPU) | total | fits, with temporaries |", "|---" * 13 + "|"]
     for r in records:
+        state = sum(r[k] for k in ("params", "optimizer", "ema", "frozen", "batch"))
         compiled = "temporaries" in r
-        total = total_bytes(r)
-        fits = [g for g in ACCELERATORS_GB if total <= USABLE * g * 1e9]
-        fit = (", ".join(map(str, fits)) or "none") if compiled else f"(> {_gb(total)} GB; not compiled)"
-        lines.append(f"| {r['setup']} | {r['devices']} | {r['remat']} | {_gb(r['params'])} | {_gb(r['optimizer'])} | "
-                     f"{_gb(r['ema'])} | {_gb(r['frozen'])} | {_gb(r['batch'])} | "
-                     f"{_gb(r['temporaries']) if compiled else 'n/a'} | {_gb(total)} | {fit} |")
+        temps, total, fit = ((_gb(r["temporaries"]), _gb(total_bytes(r)), fits(total_bytes(r))) if compiled
+                             else ("not compiled", "", ""))
+        lines.append(f"| {r['setup']} | {r['devices']} | {r['remat']} | {_gb(r['params'])} | "
+                     f"{_gb(r['optimizer'])} | {_gb(r['ema'])} | {_gb(r['frozen'])} | {_gb(r['batch'])} | "
+                     f"{_gb(state)} | {fits(state)} | {temps} | {total} | {fit} |")
     return "\n".join(lines)
 
 

@@ -132,17 +132,18 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
     status = 0
     with Preemption() as preempt:
         t_last, s_last = time.perf_counter(), step
-        # updates skipped for a non-finite gradient: summed on device (no sync per step), read when logging
-        skipped, skipped_total = jnp.zeros((), jnp.int32), 0
+        # updates skipped for a non-finite gradient: each step's flag is kept (no sync per step) and read
+        # when logging
+        skipped, skipped_total = [], 0
         while step < cfg.max_steps:
             batch = put(next(data))
             state, metrics = step_fn(state, batch, *frozen_arg)
-            skipped = skipped + metrics["skipped"]
+            skipped.append(metrics["skipped"])
             step += 1
             if step % cfg.log.every == 0 or step == cfg.max_steps:
                 m = jax.device_get(metrics)
-                n_skipped = int(jax.device_get(skipped))
-                skipped, skipped_total = jnp.zeros((), jnp.int32), skipped_total + n_skipped
+                n_skipped = int(sum(jax.device_get(skipped)))
+                skipped, skipped_total = [], skipped_total + n_skipped
                 now = time.perf_counter()
                 rate = (step - s_last) / max(now - t_last, 1e-9)
                 t_last, s_last = now, step
