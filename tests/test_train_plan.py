@@ -44,7 +44,19 @@ def on_device(tree):
 
 real = dict(params=on_device(state.params), optimizer=on_device((state.opt_state, state.step, state.rng)),
             ema=on_device(state.ema), total=sum(x.nbytes for x in jax.tree.leaves(state)))
-print(json.dumps(dict(code=code, text=buf.getvalue(), live=live, real=real)))
+
+# LoRA: the frozen bfloat16 base as planned (not compiled) against the base really placed
+from mmdit_jax.training.config import LoraTrainConfig
+from mmdit_jax.training.modes import TrainMode
+from mmdit_jax.training.plan import plan
+
+lcfg = cfg.replace(lora=LoraTrainConfig(enabled=True, rank=2, base_dtype="bfloat16"))
+planned = plan(lcfg, model.config, compile_step=False)
+mode = TrainMode(lcfg, model.config)
+base = mj.Transformer.init(model.config)
+frozen, _ = mode.frozen(base.params, None, model, make_mesh({"fsdp": 4, "tensor": 2}))
+lora = dict(planned=planned["frozen"], real=on_device(frozen))
+print(json.dumps(dict(code=code, text=buf.getvalue(), live=live, real=real, lora=lora)))
 """
 
 
@@ -68,5 +80,6 @@ def test_plan_prints_the_bytes_of_the_really_built_sharded_state(tmp_path):
     assert printed["params"] < got["real"]["total"] / 8
     assert printed["temporaries"] > 0
     assert "mesh data=1 fsdp=4 tensor=2 sequence=1 over 8 cpu devices" in text
+    assert got["lora"]["planned"] == got["lora"]["real"][0] > 0  # the frozen base, bfloat16
     # planning built no state: what is alive afterwards is far below one copy of it
     assert got["live"] < got["real"]["total"] / 20, (got["live"], got["real"]["total"])
