@@ -7,7 +7,7 @@ eager mode, then FlowMatchEulerDiscreteScheduler.step. SD3 runs classifier-free 
 [uncond, cond], scale 7); FLUX-dev feeds guidance 3.5 to its embedder (one forward per step).
 
     python benchmarks/sampling_loop.py --case sd3|flux [--steps 8] [--images 1] [--reps 3]
-        [--dtype float32|bfloat16] [--torch_device cpu|cuda] [--compile]
+        [--dtype float32|bfloat16] [--torch_device cpu|cuda] [--compile [--compile_backend eager]]
     # issue 10's GPU target: FLUX.1-dev at 1024x1024, 28 steps, bf16, against torch.compile:
     python benchmarks/sampling_loop.py --case flux-dev-1024 --steps 28 --reps 3 --dtype bfloat16 \
         --torch_device cuda --compile
@@ -24,7 +24,8 @@ import common
 import setups
 
 
-def main():
+def run(argv=None) -> dict:
+    """The comparison for command-line style `argv` (None: sys.argv); returns the result emit() prints."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--case", default="sd3", choices=sorted(setups.CASES))
     ap.add_argument("--steps", type=int, default=8)
@@ -34,7 +35,9 @@ def main():
                     help="both sides' weights and compute dtype")
     ap.add_argument("--torch_device", default="cpu", help="where diffusers runs (cuda on a GPU machine)")
     ap.add_argument("--compile", action="store_true", help="also time the transformer under torch.compile")
-    a = ap.parse_args()
+    ap.add_argument("--compile_backend", default="inductor",
+                    help="torch.compile backend (eager: dynamo's tracing only, for quick checks)")
+    a = ap.parse_args(argv)
 
     import jax
     import jax.numpy as jnp
@@ -46,7 +49,7 @@ def main():
     case = setups.CASES[a.case]
     load0 = common.loadavg()
     tdev, tdtype = torch.device(a.torch_device), getattr(torch, a.dtype)
-    ref_model = setups.torch_transformer(case).to(tdev, tdtype)
+    ref_model = setups.torch_transformer(case, device=tdev, dtype=tdtype).to(tdev, tdtype)
     ours = setups.load_ours(ref_model, functools.partial(mj.load_transformer, dtype=a.dtype))
     tol = 1e-4 if a.dtype == "float32" else 5e-2
     n = a.images
@@ -137,7 +140,7 @@ def main():
            "torch_device": a.torch_device}
     fns = {"ours": mine, "diffusers": theirs}
     if a.compile:
-        compiled = functools.partial(theirs, net=torch.compile(ref_model))
+        compiled = functools.partial(theirs, net=torch.compile(ref_model, backend=a.compile_backend))
         cout, res["torch_compile_first_call_s"] = common.timed(compiled)
         res["torch_compile_rel_err"] = float(np.abs(cout - ref).max() / np.abs(ref).max())
         fns["diffusers_compiled"] = compiled
@@ -146,7 +149,11 @@ def main():
     res["timing"] = common.interleaved(fns, reps=a.reps, warmup=0, progress=a.case)
     res["memory_mib"] = {"ours": run.lower(ours.params, *dev).compile().memory_analysis().temp_size_in_bytes
                          / 2 ** 20, "diffusers": ws_theirs}
-    common.emit(res)
+    return res
+
+
+def main():
+    common.emit(run())
 
 
 if __name__ == "__main__":

@@ -67,19 +67,31 @@ CASES["sd3-mid"] = _smaller(CASES["sd3"], 4, 24, 32, 64, caption_projection_dim=
 CASES["flux-mid"] = _smaller(CASES["flux"], 4, 24, 32, 64, axes_dims_rope=(8, 28, 28))
 
 
-def torch_transformer(case: Case, seed: int = 0, std: float = 0.02):
-    """The diffusers transformer with N(0, std^2) weights everywhere (no zero-initialised layer)."""
+def torch_transformer(case: Case, seed: int = 0, std: float = 0.02, device="cpu", dtype=None):
+    """The diffusers transformer with N(0, std^2) weights everywhere (no zero-initialised layer).
+
+    On CPU it is built and drawn in float32 (then cast to `dtype`); on an accelerator it is built and
+    drawn there in `dtype`, since a released size in float32 would not fit beside its bf16 copy."""
     import torch
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
     cls = SD3Transformer2DModel if case.layout == "sd3" else FluxTransformer2DModel
     torch.manual_seed(seed)
-    model = cls(**case.diffusers_kwargs).eval()
-    g = torch.Generator().manual_seed(seed)
+    device = torch.device(device)
+    on_cpu = device.type == "cpu"
+    build_dtype = torch.float32 if on_cpu or dtype is None else dtype
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(build_dtype)
+    try:
+        with device:
+            model = cls(**case.diffusers_kwargs).eval()
+    finally:
+        torch.set_default_dtype(default)
+    g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
+            p.copy_(torch.randn(p.shape, generator=g, device=device, dtype=p.dtype) * std)
+    return model if dtype is None else model.to(dtype)
 
 
 def load_ours(torch_model, loader):

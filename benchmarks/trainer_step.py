@@ -25,7 +25,8 @@ import numpy as np
 
 import mmdit_jax as mj
 from mmdit_jax.sharding import make_mesh
-from mmdit_jax.training.config import ModelConfig, TrainConfig
+from mmdit_jax.training.config import LoraTrainConfig, ModelConfig, TrainConfig
+from mmdit_jax.training.modes import TrainMode
 from mmdit_jax.training.optim import make_optimizer
 from mmdit_jax.training.state import create_state
 from mmdit_jax.training.step import jit_train_step
@@ -61,25 +62,37 @@ def narrowed(preset, layers, width):
     return dataclasses.replace(cfg, depth=layers, depth_single=2 * layers, num_heads=width)
 
 
-def measure(net, dtype, remat, batch, latent, text, steps):
+def measure(net, dtype, remat, batch, latent, text, steps, lora_rank=0):
+    """(first step s, steps/s). lora_rank > 0: rank-r adapters on the attention of a frozen bfloat16 base
+    with random weights (the flux-dev-lora preset's setting), no EMA; else the whole network with EMA."""
     cfg = TrainConfig(model=ModelConfig(preset="sd3-medium", compute_dtype=dtype, remat=remat), batch_size=batch)
+    frozen = ()
+    if lora_rank:
+        cfg = cfg.replace(lora=LoraTrainConfig(enabled=True, rank=lora_rank, targets="attn", base_dtype="bfloat16"))
+    mode = TrainMode(cfg, net)
     model = mj.Transformer(net, None)
-    tx = make_optimizer(cfg.optim, 1000, model.trainable_mask())
+    tx = make_optimizer(cfg.optim, 1000, mode.trainable_mask(model))
     mesh = make_mesh({"fsdp": -1})
-    state, sh = create_state(model, tx, mesh, 0, True)
-    step = jit_train_step(model, tx, cfg, mesh, sh)
+    state, sh = create_state(model, tx, mesh, 0, not lora_rank, mode=mode)
+    frozen_sh = None
+    if lora_rank:
+        base = mj.Transformer.init(net, seed=1, dtype="bfloat16").params
+        frozen, frozen_sh = mode.frozen(base, None, model, mesh)
+        frozen = (frozen,)
+        del base
+    step = jit_train_step(model, tx, cfg, mesh, sh, mode=mode, frozen_sh=frozen_sh)
     r = np.random.default_rng(0)
     ch = getattr(net, "latent_channels", None) or net.in_channels
     b = dict(latents=r.standard_normal((batch, latent, latent, ch), np.float32),
              context=r.standard_normal((batch, text, net.context_dim), np.float32),
              pooled=r.standard_normal((batch, net.pooled_dim), np.float32))
     t = time.perf_counter()
-    state, m = step(state, b)
+    state, m = step(state, b, *frozen)
     jax.block_until_ready(m)
     first = time.perf_counter() - t
     t = time.perf_counter()
     for _ in range(steps):
-        state, m = step(state, b)
+        state, m = step(state, b, *frozen)
     jax.block_until_ready(m)
     return first, steps / (time.perf_counter() - t)
 

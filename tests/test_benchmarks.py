@@ -122,3 +122,30 @@ def test_trainer_step_peak_and_full_preset():
     assert trainer_step.narrowed("flux-dev", 0, 4) == mj.preset("flux-dev")
     small = trainer_step.narrowed("sd3.5-medium", 3, 2)
     assert (small.num_layers, small.num_heads, small.dual_attention_layers) == (3, 2, (0, 1))
+
+
+@pytest.mark.slow
+def test_accelerator_benchmark_runs_every_section_at_tiny_size(tmp_path):
+    """The unattended GPU command, at tiny sizes on CPU, exactly as a user runs it: every section gives
+    its rows (no error row), so the command cannot rot before a GPU runs it."""
+    import json
+    import subprocess
+
+    import accelerator
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "rows.jsonl"
+    res = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "accelerator.py"), "--tiny",
+                          f"--out={out}"], capture_output=True, text=True, timeout=1200,
+                         env=dict(os.environ, PYTHONPATH=root))
+    assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all("error" not in r for r in rows), rows
+    assert {r["section"] for r in rows} == {name for name, _ in accelerator.SECTIONS}
+    sampling = {r["contender"]: r for r in rows if r["section"] == "flux_sampling"}
+    assert set(sampling) == {"ours", "diffusers", "diffusers_compiled"}
+    assert float(sampling["ours"]["parity_rel_err"]) < 1e-4
+    train = [r for r in rows if r["section"] != "flux_sampling"]
+    assert [r["training"] for r in train] == ["full", "LoRA r16"] and all(r["steps_per_s"] > 0 for r in train)
+    for name, _ in accelerator.SECTIONS:
+        assert f"### {name}" in res.stdout

@@ -101,3 +101,29 @@ def test_flux_shift_is_diffusers_calculate_shift():
         s = np.linspace(0.05, 0.95, 7)
         np.testing.assert_allclose(np.asarray(apply_shift(s, math.exp(mu))),
                                    math.exp(mu) / (math.exp(mu) + (1 / s - 1)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("side", [512, 1024, 2048])
+def test_resolution_shift_is_the_sd3_papers(side):
+    # SD3 paper: shift 3.0 at 1024x1024, times sqrt(m / n) for m pixels against n = 1024^2
+    expected = {512: 1.5, 1024: 3.0, 2048: 6.0}[side]
+    cfg = TimestepConfig(shift="resolution", shift_value=3.0)  # default reference resolution
+    assert shift_factor(cfg, (side // 8, side // 8)) == pytest.approx(expected)
+    assert shift_factor(cfg, (side // 8, side // 16)) == pytest.approx(expected / math.sqrt(2))
+
+
+@pytest.mark.parametrize("sampler", ["uniform", "cosmap", "logit_normal"])
+def test_the_extreme_draw_keeps_sigma_above_zero(sampler, monkeypatch):
+    import jax.numpy as jnp
+
+    from mmdit_jax.training.objective import flow_loss
+
+    # the smallest draws the samplers can get: u = 0, and a normal so low that sigmoid gives 0
+    monkeypatch.setattr(jax.random, "uniform", lambda key, shape, dtype=jnp.float32: jnp.zeros(shape, dtype))
+    monkeypatch.setattr(jax.random, "normal", lambda key, shape, dtype=jnp.float32: jnp.full(shape, -200.0, dtype))
+    cfg = TimestepConfig(sampler=sampler, shift="fixed", shift_value=3.0)
+    s = sample_sigmas(jax.random.PRNGKey(0), 4, cfg, (16, 16))
+    assert float(s.min()) > 0
+    x0 = jnp.ones((4, 2, 2, 1))
+    loss = flow_loss(lambda p, x, *a: x, None, x0, -x0, s, None, None, None, "sigma_sqrt")
+    assert np.isfinite(float(loss))

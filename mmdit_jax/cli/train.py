@@ -5,6 +5,8 @@ scratch and score it) or a Python file defining get_config().
 --set: any config field by its dotted name, repeatable, e.g. --set=optim.lr=3e-5
 --set=timesteps.sampler=mode --set=log.sample_prompts="a cat|a dog". Dedicated flags below override
 the matching fields. Rerunning the same command resumes from the newest checkpoint in --workdir.
+--plan: print the per-device memory of the step for the config and mesh (no weight allocated; on CPU,
+XLA_FLAGS=--xla_force_host_platform_device_count=N gives N virtual devices) and exit.
 """
 import sys
 
@@ -24,6 +26,8 @@ flags.DEFINE_integer("mesh_sequence", None, "Mesh axis size for sequence paralle
 flags.DEFINE_bool("distributed", False, "Join a multi-process job (jax.distributed.initialize): settings from "
                   "the flags below, else JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, else "
                   "the cluster's auto-detection (TPU pods, SLURM).")
+flags.DEFINE_bool("plan", False, "Print the per-device bytes of parameters, optimizer state, EMA, batch and the "
+                  "compiled step's temporaries for the config and mesh, allocating no weights, and exit.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator (with --distributed).")
 flags.DEFINE_integer("num_processes", None, "Processes in the job (with --distributed).")
 flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) (with --distributed).")
@@ -63,7 +67,7 @@ def main(argv):
 
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; all settings are --flags")
-    if not FLAGS.workdir:
+    if not FLAGS.workdir and not FLAGS.plan:
         _fail("--workdir is required (the folder to train into; rerun with the same one to resume)")
     try:
         cfg = build_config()  # everything is checked before any work starts
@@ -73,6 +77,11 @@ def main(argv):
             initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         elif FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None:
             _fail("--coordinator_address/--num_processes/--process_id need --distributed")
+        if FLAGS.plan:
+            from mmdit_jax.training.plan import run_plan
+
+            run_plan(cfg, FLAGS.workdir)
+            sys.exit(0)
         from mmdit_jax.training.loop import train
 
         status = train(cfg, FLAGS.workdir)

@@ -58,7 +58,8 @@ class TimestepConfig:
     mode_scale: float = 1.29
     shift: str = "none"  # "none" | "fixed" | "resolution" | "flux"
     shift_value: float = 3.0  # "fixed": the shift; "resolution": the shift at reference_resolution
-    reference_resolution: int = 256  # pixels per side where shift_value applies ("resolution")
+    # "resolution": pixels per side where the shift is shift_value (SD3: 3.0 at 1024), times sqrt(m/n) elsewhere
+    reference_resolution: int = 1024
     base_shift: float = 0.5  # "flux": mu = linear in image tokens, as diffusers' calculate_shift
     max_shift: float = 1.15
     base_seq_len: int = 256

@@ -132,22 +132,30 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
     # the save and its meta gather) alone.
     with preempt:
         t_last, s_last = time.perf_counter(), step
+        # updates skipped for a non-finite gradient: each step's flag is kept (no sync per step) and read
+        # when logging
+        skipped, skipped_total = [], 0
         while step < cfg.max_steps:
             batch = put(next(data))
             state, metrics = step_fn(state, batch, *frozen_arg)
+            skipped.append(metrics["skipped"])
             step += 1
             if step % cfg.log.every == 0 or step == cfg.max_steps:
                 m = jax.device_get(metrics)
+                n_skipped = int(sum(jax.device_get(skipped)))
+                skipped, skipped_total = [], skipped_total + n_skipped
                 now = time.perf_counter()
                 rate = (step - s_last) / max(now - t_last, 1e-9)
                 t_last, s_last = now, step
+                # skipped: since the previous record, so the log sums to the run's total across resumes
                 scalars = dict(loss=m["loss"], grad_norm=m["grad_norm"], lr=float(lr_at(step - 1)),
-                               steps_per_sec=rate, images_per_sec=rate * global_batch)
+                               steps_per_sec=rate, images_per_sec=rate * global_batch, skipped=n_skipped)
                 writer.write(step, scalars)
                 if lead:
                     print(f"step {step}/{cfg.max_steps}  loss {m['loss']:.5f}  grad_norm {m['grad_norm']:.4f}  "
                           f"lr {scalars['lr']:.2e}  {rate:.2f} step/s  {rate * global_batch:.1f} img/s  "
-                          f"ETA {duration((cfg.max_steps - step) / max(rate, 1e-9))}", file=out, flush=True)
+                          f"skipped {skipped_total}  ETA {duration((cfg.max_steps - step) / max(rate, 1e-9))}",
+                          file=out, flush=True)
             if validate_fn is not None and step % cfg.log.val_every == 0:
                 writer.write(step, validate_fn(state))
             if grid_fn is not None and step % cfg.log.sample_every == 0:

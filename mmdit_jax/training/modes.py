@@ -110,13 +110,30 @@ class TrainMode:
         """(frozen tree placed in its shardings, those shardings); (None, None) in full mode."""
         if self.kind == "full":
             return None, None
-        if self.kind == "lora":
-            params, dtype, sh = base_params, self.cfg.lora.base_dtype, model.param_shardings(mesh)
-        else:
-            params, dtype = teacher_params, self.cfg.distill.teacher_dtype
-            sh = self.teacher.param_shardings(mesh)
+        net, dtype = self._frozen_net(model)
+        params = base_params if self.kind == "lora" else teacher_params
+        sh = net.param_shardings(mesh)
         cast = jax.jit(lambda p: cast_floats(p, jnp.dtype(dtype)), out_shardings=sh)
         return cast(jax.device_put(params, sh)), sh
+
+    def frozen_abstract(self, model, mesh):
+        """What `frozen` places, as ShapeDtypeStructs carrying its shardings (nothing allocated), and
+        those shardings; (None, None) in full mode."""
+        if self.kind == "full":
+            return None, None
+        from mmdit_jax.structure import Structure
+        from mmdit_jax.transformer import abstract_module
+
+        net, dtype = self._frozen_net(model)
+        sh = net.param_shardings(mesh)
+        cast = jax.eval_shape(lambda p: cast_floats(p, jnp.dtype(dtype)),
+                              Structure(abstract_module(net.config)).abstract_params())
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), cast, sh), sh
+
+    def _frozen_net(self, model):
+        if self.kind == "lora":
+            return model, self.cfg.lora.base_dtype
+        return self.teacher, self.cfg.distill.teacher_dtype
 
     # -- forward passes ----------------------------------------------------------------------------
     def velocity(self, model, trained, frozen, x, sigma, ctx, pooled, guidance, *, compute, remat="none",

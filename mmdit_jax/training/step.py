@@ -29,6 +29,11 @@ def make_train_step(model, tx: optax.GradientTransformation, cfg, layout=(), nul
     has_guidance = bool(getattr(model.config, "guidance_embed", False))
     accum = cfg.optim.grad_accum
     lc = cfg.loss
+    trainable = jax.tree.leaves(mode.trainable_mask(model))
+
+    def trainable_norm(grads):
+        """The global norm clipping sees: buffers (SD3's position table) have gradients but no updates."""
+        return optax.global_norm([g for g, t in zip(jax.tree.leaves(grads), trainable, strict=True) if t])
 
     def apply_fn(frozen, key):
         def fn(params, x_t, sigma, context, pooled, guidance):
@@ -87,10 +92,18 @@ def make_train_step(model, tx: optax.GradientTransformation, cfg, layout=(), nul
         full = prepare(key, batch)
         # dropout keys for LoRA; folded in, so full mode's draws are what they always were
         loss, grads = grads_of(state.params, frozen, full, jax.random.fold_in(key, MODE_KEY + 1))
+        grad_norm = trainable_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = ema_update(state.ema, params, state.step, cfg.ema) if state.ema is not None else None
-        metrics = dict(loss=loss, grad_norm=optax.global_norm(grads))
+        # a non-finite loss or gradient never reaches the weights: params, optimizer state (so its update
+        # count and schedule) and EMA stay as they were; the step still counts, since its batch and keys are
+        # spent, which keeps checkpoints and resumes in step with the data stream
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = (lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old))
+        params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+        ema = keep(ema, state.ema) if ema is not None else None
+        metrics = dict(loss=loss, grad_norm=grad_norm, skipped=(~ok).astype(jnp.int32))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema, rng=rng), metrics
 
     return train_step

@@ -1,7 +1,7 @@
 """Training timesteps: sigma densities (SD3 paper section 3.1) and the resolution-dependent shift.
 
-Samplers map uniform / normal draws to sigma in (0, 1) (1 = pure noise); the shift then moves mass
-towards noise for larger images: s' = a*s / (1 + (a - 1)*s).
+Samplers map uniform / normal draws to sigma in [0, 1] (1 = pure noise); the shift then moves mass
+towards noise for larger images: s' = a*s / (1 + (a - 1)*s). The drawn sigma is kept >= SIGMA_MIN.
 """
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+
+# uniform and cosmap draw u = 0 (sigma = 0) with float32 probability, where sigma_sqrt weighting is 1/0;
+# diffusers' training scripts never go below the 1000-step scheduler's smallest sigma either
+SIGMA_MIN = 1e-3
 
 
 def sample_unshifted(key, n: int, cfg) -> jax.Array:
@@ -33,7 +37,7 @@ def shift_factor(cfg, latent_hw: tuple[int, int], patch: int = 2, vae_scale: int
     if cfg.shift == "fixed":
         return float(cfg.shift_value)
     if cfg.shift == "resolution":
-        # sqrt(m/n) for pixel counts: shift_value at reference_resolution**2 pixels
+        # the SD3 paper's sqrt(m/n) for pixel counts: shift_value at reference_resolution**2 pixels
         return float(cfg.shift_value * math.sqrt(h * w * vae_scale ** 2 / cfg.reference_resolution ** 2))
     if cfg.shift == "flux":
         # diffusers' calculate_shift: mu linear in the image token count, a = e^mu
@@ -48,4 +52,4 @@ def apply_shift(sigma, a: float):
 
 
 def sample_sigmas(key, n: int, cfg, latent_hw: tuple[int, int]) -> jax.Array:
-    return apply_shift(sample_unshifted(key, n, cfg), shift_factor(cfg, latent_hw))
+    return jnp.maximum(apply_shift(sample_unshifted(key, n, cfg), shift_factor(cfg, latent_hw)), SIGMA_MIN)
