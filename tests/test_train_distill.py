@@ -20,7 +20,7 @@ from mmdit_jax.errors import MMDiTError
 from mmdit_jax.training.loop import train
 from mmdit_jax.training.metrics import read_jsonl
 from mmdit_jax.sharding import make_mesh
-from mmdit_jax.training.modes import TrainMode, with_guidance_embedder
+from mmdit_jax.training.modes import GUIDANCE_EMBEDDER, TrainMode, with_guidance_embedder
 from mmdit_jax.training.step import make_eval_loss
 from mmdit_jax.training.samples import sample_latents
 
@@ -112,21 +112,31 @@ def test_student_without_cfg_approaches_teacher_with_cfg(run):
 
 
 def test_student_starts_as_its_teacher():
-    """Zero output layer of the fresh embedder: same velocity at any guidance, SD3 and FLUX (schnell-style)."""
+    """Zero output layer of the fresh embedder: same velocity at any guidance, SD3 and FLUX (schnell-style),
+    from a teacher with every weight non-zero (a fresh init's zero output layer would make both 0)."""
     from flux_oracle import TINY
 
     flux_cfg = mj.FluxConfig.from_diffusers({**TINY, "guidance_embeds": False})
     sd3_cfg = mj.MMDiTConfig.from_diffusers(TEACHER)
     r = np.random.default_rng(0)
     for cfg, shape, ctx, pooled in ((sd3_cfg, (1, 4, 6, 16), 12, 10), (flux_cfg, (1, 4, 6, 16), 24, 20)):
-        teacher = mj.Transformer.init(cfg, seed=1)
+        params = jax.tree.map(lambda x: (x + 0.1 * r.standard_normal(x.shape)).astype(x.dtype),
+                              mj.Transformer.init(cfg, seed=1).params)
+        teacher = mj.Transformer(cfg, params)
         student_cfg = dataclasses.replace(cfg, guidance_embed=True)
-        student = mj.Transformer(student_cfg, with_guidance_embedder(student_cfg, teacher.params, 2))
+        start = with_guidance_embedder(student_cfg, teacher.params, 2)
+        student = jax.jit(mj.Transformer(student_cfg, None).apply)  # one compile for both student params
         args = (r.standard_normal(shape).astype(np.float32), np.array([0.6], np.float32),
                 r.standard_normal((1, 5, ctx)).astype(np.float32), r.standard_normal((1, pooled)).astype(np.float32))
         want = np.asarray(teacher(*args))
+        assert np.abs(want).max() > 0.1, np.abs(want).max()
         for g in (1.0, 6.0):
-            np.testing.assert_array_equal(np.asarray(student(*args, np.array([g], np.float32))), want)
+            np.testing.assert_array_equal(np.asarray(student(start, *args, np.array([g], np.float32))), want)
+        # the guidance does reach the output: with the embedder's output layer non-zero it moves it
+        name = GUIDANCE_EMBEDDER[cfg.family]
+        moved = jax.tree.map(lambda x: x + 0.1, start[name])
+        got = np.asarray(student({**start, name: moved}, *args, np.array([6.0], np.float32)))
+        assert np.abs(got - want).max() > 1e-2 * np.abs(want).max()
 
 
 def test_bad_distill_settings_fail_with_their_key():
