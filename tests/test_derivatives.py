@@ -109,7 +109,7 @@ def test_adaln_kernels_are_applied_outside_the_block_scan(family):
     mod_kernels = [p for p in paths if "/blocks/" in p and p.endswith("lin/kernel")
                    and ("/mod/" in p or "_mod/" in p or "/modulation/" in p)]
     # sd3: two stacks (the last block is pre-only) x two streams; flux: img/txt (double) + single
-    assert len(mod_kernels) == 4 if family == "sd3" else 3, mod_kernels
+    assert len(mod_kernels) == (4 if family == "sd3" else 3), mod_kernels
     assert scanned, "no block scan found at the top level of the jaxpr"
     assert not [p for p in mod_kernels if p in scanned], f"adaLN kernels scanned over: {scanned}"
     assert [p for p in scanned if "qkv" in p or "linear1" in p], scanned

@@ -90,3 +90,74 @@ def test_missing_model_and_component_are_one_line(model, tmp_path):
     _one_line_error(_run(f"--model={broken}", "--prompt=x"), "vae")
     _one_line_error(_run("--prompt=x"), "--model is required")
     _one_line_error(_run(f"--model={folder}", "--prompt=x", "--steps=many"), "--steps")
+
+
+def _png(folder):
+    (name,) = os.listdir(folder)
+    return np.asarray(Image.open(os.path.join(folder, name)))
+
+
+def _pil(images):
+    return np.asarray(images[0])
+
+
+@pytest.mark.slow
+def test_guidance_sampler_and_schedule_flags_give_the_pipelines_pixels(model, tmp_path):
+    """--slg_*, --sampler and --schedule: the same pixels as the Pipeline call with the same arguments,
+    and each flag's value changes them (so a flag the CLI dropped would show)."""
+    import mmdit_jax as mj
+
+    _, folder = model
+    res = _run(f"--model={folder}", "--prompt=a red cat", "--height=20", "--width=12", "--steps=5",
+               "--guidance=4.0", "--seed=7", "--max_sequence_length=8", "--slg_layers=1", "--slg_scale=3.0",
+               "--slg_start=0.3", "--slg_stop=0.7", "--sampler=dpmpp_2m", "--schedule=bfl", "--noprogress",
+               f"--out={tmp_path}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = _png(tmp_path)
+    pipe = mj.Pipeline.from_pretrained(folder)
+    kw = dict(height=20, width=12, num_inference_steps=5, guidance_scale=4.0, seed=7, max_sequence_length=8,
+              skip_guidance_layers=[1], skip_layer_guidance_scale=3.0, skip_layer_guidance_start=0.3,
+              skip_layer_guidance_stop=0.7, sampler="dpmpp_2m", schedule="bfl", progress=False)
+    np.testing.assert_array_equal(got, _pil(pipe("a red cat", **kw)))
+    # slg active at steps 2, 3 of 5; start 0.01 would give steps 1-3, stop 0.5 step 2 only
+    for change in (dict(skip_guidance_layers=None), dict(skip_layer_guidance_scale=2.8),
+                   dict(skip_layer_guidance_start=0.01), dict(skip_layer_guidance_stop=0.5),
+                   dict(sampler="euler"), dict(schedule="diffusers")):
+        other = _pil(pipe("a red cat", **{**kw, **change}))
+        assert np.abs(other.astype(int) - got).max() > 0, change
+
+
+@pytest.fixture(scope="module")
+def flux_model(tmp_path_factory):
+    from sampling_tiny import flux_pipeline
+
+    return flux_pipeline(tmp_path_factory.mktemp("cli_flux"), seed=61)
+
+
+@pytest.mark.slow
+def test_flux_img2img_true_cfg_dpmpp_flags_give_the_pipelines_pixels(flux_model, tmp_path):
+    """--img2img/--strength, --true_cfg with --negative_prompt and --sampler=dpmpp_2m on FLUX-dev: the
+    pixels of Pipeline.img2img with the same arguments, and each flag's value changes them."""
+    import mmdit_jax as mj
+
+    _, folder = flux_model
+    src = tmp_path / "in.png"
+    Image.fromarray((np.random.default_rng(5).uniform(0, 1, (20, 12, 3)) * 255).astype(np.uint8)).save(src)
+    out = tmp_path / "out"
+    res = _run(f"--model={folder}", "--prompt=a red cat", "--negative_prompt=a dog", "--true_cfg=2.5",
+               f"--img2img={src}", "--strength=0.7", "--sampler=dpmpp_2m", "--guidance=3.0", "--steps=5",
+               "--seed=3", "--max_sequence_length=8", "--noprogress", f"--out={out}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = _png(out)
+    assert got.shape == (20, 12, 3)
+    pipe = mj.Pipeline.from_pretrained(folder)
+    image = Image.open(src)
+    kw = dict(negative_prompt="a dog", true_cfg_scale=2.5, strength=0.7, sampler="dpmpp_2m", guidance_scale=3.0,
+              num_inference_steps=5, seed=3, max_sequence_length=8, progress=False)
+    np.testing.assert_array_equal(got, _pil(pipe.img2img(image, "a red cat", **kw)))
+    for change in (dict(true_cfg_scale=1.0), dict(strength=0.6), dict(sampler="euler")):
+        other = _pil(pipe.img2img(image, "a red cat", **{**kw, **change}))
+        assert np.abs(other.astype(int) - got).max() > 0, change
+    txt2img = {k: v for k, v in kw.items() if k != "strength"}
+    other = _pil(pipe("a red cat", height=20, width=12, **txt2img))
+    assert np.abs(other.astype(int) - got).max() > 0

@@ -107,6 +107,26 @@ def test_dpmpp_2m_matches_the_reference_sampler_on_diffusers_networks(sd3):
     assert max_rel_err(euler, ref) > 1e-2  # the solvers really differ
 
 
+def test_user_sigmas_and_bfl_schedule_match_diffusers(sd3):
+    """sigmas= as diffusers takes them (then shifted by the scheduler), and schedule="bfl" (for SD3,
+    unshifted linspace(1, 0, N + 1)) against diffusers given the sigmas its shift maps onto that line."""
+    pipe, ours, _ = sd3
+    kw = dict(prompt=PROMPTS, negative_prompt=NEG, height=H, width=W, num_inference_steps=4, guidance_scale=4.0,
+              max_sequence_length=12)
+    x0 = _latents(7)
+    _compare(pipe, ours, x0, sigmas=[1.0, 0.7, 0.45, 0.2], **kw)
+    shift, line = pipe.scheduler.config.shift, np.linspace(1.0, 0.25, 4)
+    assert shift != 1.0
+    unshifted = list(line / (shift - (shift - 1) * line))  # shift * s / (1 + (shift - 1) s) = line
+    ref = pipe(latents=nchw(x0), output_type="latent", sigmas=unshifted, **kw).images.permute(0, 2, 3, 1).numpy()
+    bfl = ours(latents=x0, output_type="latent", schedule="bfl", **kw)
+    assert max_rel_err(bfl, ref) < 1e-4, max_rel_err(bfl, ref)
+    default = ours(latents=x0, output_type="latent", **kw)
+    assert max_rel_err(default, ref) > 1e-2  # the schedules differ
+    with pytest.raises(mj.MMDiTError, match="exclude"):
+        ours(latents=x0, output_type="latent", schedule="bfl", sigmas=[1.0, 0.7, 0.45, 0.2], **kw)
+
+
 def test_img2img_matches_diffusers(sd3, monkeypatch):
     import diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_img2img as m
     from diffusers import StableDiffusion3Img2ImgPipeline
@@ -145,12 +165,16 @@ def test_bad_sizes_and_inputs(sd3):
 def test_bfloat16_pipeline_stays_close_to_float32(sd3):
     _, ours, folder = sd3
     kw = dict(prompt=PROMPTS, negative_prompt=NEG, height=H, width=W, num_inference_steps=4, guidance_scale=5.0,
-              max_sequence_length=12, latents=_latents(6), output_type="np")
-    ref = ours(**kw)
-    low = mj.Pipeline.from_pretrained(folder, dtype="bfloat16")(**kw)
+              max_sequence_length=12, latents=_latents(6))
+    low_pipe = mj.Pipeline.from_pretrained(folder, dtype="bfloat16")
+    ref, low = ours(**kw, output_type="np"), low_pipe(**kw, output_type="np")
     assert low.dtype == np.float32 and np.isfinite(low).all()
     err = float(np.abs(low - ref).max())
-    assert 0 < err < 0.1, err  # bf16 weights and activations: different, but the same picture
+    lat_err = max_rel_err(low_pipe(**kw, output_type="latent"), ours(**kw, output_type="latent"))
+    print(f"bfloat16 pipeline vs float32: latents max rel err {lat_err:.2e}, pixels max abs {err:.2e}")
+    # bf16 weights and activations: different, but the same picture (measured: pixels 1.5e-3, latents 7.8e-3)
+    assert 0 < err < 1.5e-2, err
+    assert lat_err < 5e-2, lat_err
 
 
 @pytest.mark.parametrize("platform,want", [("cpu", "float32"), ("gpu", "bfloat16"), ("tpu", "bfloat16")])

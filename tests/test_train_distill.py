@@ -20,7 +20,7 @@ from mmdit_jax.errors import MMDiTError
 from mmdit_jax.training.loop import train
 from mmdit_jax.training.metrics import read_jsonl
 from mmdit_jax.sharding import make_mesh
-from mmdit_jax.training.modes import TrainMode, with_guidance_embedder
+from mmdit_jax.training.modes import GUIDANCE_EMBEDDER, TrainMode, with_guidance_embedder
 from mmdit_jax.training.step import make_eval_loss
 from mmdit_jax.training.samples import sample_latents
 
@@ -112,21 +112,31 @@ def test_student_without_cfg_approaches_teacher_with_cfg(run):
 
 
 def test_student_starts_as_its_teacher():
-    """Zero output layer of the fresh embedder: same velocity at any guidance, SD3 and FLUX (schnell-style)."""
+    """Zero output layer of the fresh embedder: same velocity at any guidance, SD3 and FLUX (schnell-style),
+    from a teacher with every weight non-zero (a fresh init's zero output layer would make both 0)."""
     from flux_oracle import TINY
 
     flux_cfg = mj.FluxConfig.from_diffusers({**TINY, "guidance_embeds": False})
     sd3_cfg = mj.MMDiTConfig.from_diffusers(TEACHER)
     r = np.random.default_rng(0)
     for cfg, shape, ctx, pooled in ((sd3_cfg, (1, 4, 6, 16), 12, 10), (flux_cfg, (1, 4, 6, 16), 24, 20)):
-        teacher = mj.Transformer.init(cfg, seed=1)
+        params = jax.tree.map(lambda x: (x + 0.1 * r.standard_normal(x.shape)).astype(x.dtype),
+                              mj.Transformer.init(cfg, seed=1).params)
+        teacher = mj.Transformer(cfg, params)
         student_cfg = dataclasses.replace(cfg, guidance_embed=True)
-        student = mj.Transformer(student_cfg, with_guidance_embedder(student_cfg, teacher.params, 2))
+        start = with_guidance_embedder(student_cfg, teacher.params, 2)
+        student = jax.jit(mj.Transformer(student_cfg, None).apply)  # one compile for both student params
         args = (r.standard_normal(shape).astype(np.float32), np.array([0.6], np.float32),
                 r.standard_normal((1, 5, ctx)).astype(np.float32), r.standard_normal((1, pooled)).astype(np.float32))
         want = np.asarray(teacher(*args))
+        assert np.abs(want).max() > 0.1, np.abs(want).max()
         for g in (1.0, 6.0):
-            np.testing.assert_array_equal(np.asarray(student(*args, np.array([g], np.float32))), want)
+            np.testing.assert_array_equal(np.asarray(student(start, *args, np.array([g], np.float32))), want)
+        # the guidance does reach the output: with the embedder's output layer non-zero it moves it
+        name = GUIDANCE_EMBEDDER[cfg.family]
+        moved = jax.tree.map(lambda x: x + 0.1, start[name])
+        got = np.asarray(student({**start, name: moved}, *args, np.array([6.0], np.float32)))
+        assert np.abs(got - want).max() > 1e-2 * np.abs(want).max()
 
 
 def test_bad_distill_settings_fail_with_their_key():
@@ -136,3 +146,52 @@ def test_bad_distill_settings_fail_with_their_key():
                       ("distill.teacher_dtype=int8", "distill.teacher_dtype")):
         with pytest.raises(MMDiTError, match=f"--set={key}"):
             validate(apply_overrides(cfg, [item]))
+
+
+def test_distillation_loss_is_the_teachers_cfg_velocity_regressed():
+    """distill_loss against the teacher applied directly, once to the caption and once to a clearly non-zero
+    empty caption: mean (student(x_t, g) - (v_u + g (v_c - v_u)))^2 at per-sample g."""
+    from mmdit_jax.training import objective
+
+    cfg_t = mj.MMDiTConfig.from_diffusers(TEACHER)
+    r = np.random.default_rng(3)
+    params = jax.tree.map(lambda x: (x + 0.1 * r.standard_normal(x.shape)).astype(x.dtype),
+                          mj.Transformer.init(cfg_t, seed=1).params)
+    student_cfg = dataclasses.replace(cfg_t, guidance_embed=True)
+    student = with_guidance_embedder(student_cfg, params, 2)
+    student["g_embedder"] = jax.tree.map(lambda x: x + 0.1, student["g_embedder"])  # not the teacher
+    cfg = train_fake.tiny_config(distill=DistillConfig(enabled=True))
+    mode = TrainMode(cfg, cfg_t)
+    net = mj.Transformer(student_cfg, None)
+    b = 3
+    x0, eps = (r.standard_normal((b, 4, 6, 16)).astype(np.float32) for _ in range(2))
+    sigma = np.array([0.2, 0.5, 0.9], np.float32)
+    ctx, pooled = r.standard_normal((b, 5, 12)).astype(np.float32), r.standard_normal((b, 10)).astype(np.float32)
+    null_ctx = (r.standard_normal((5, 12)) + 1.0).astype(np.float32)
+    null_pooled = (r.standard_normal(10) - 1.0).astype(np.float32)
+    g = np.array([1.0, 2.5, 4.5], np.float32)
+
+    def loss(nc, npl):
+        return float(jax.jit(lambda p, f: objective.distill_loss(
+            net.apply, p, mode, f, x0, eps, sigma, ctx, pooled, nc, npl, g, "none", compute=jnp.float32))(
+                student, params))
+
+    teacher = jax.jit(mj.Transformer(cfg_t, None).apply)
+    x_t = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * eps
+    cond = np.asarray(teacher(params, x_t, sigma, ctx, pooled), np.float64)
+    pred = np.asarray(jax.jit(net.apply)(student, x_t, sigma, ctx, pooled, g), np.float64)
+
+    def direct(nc, npl):
+        uncond = np.asarray(teacher(params, x_t, sigma, np.broadcast_to(nc, ctx.shape),
+                                    np.broadcast_to(npl, pooled.shape)), np.float64)
+        target = uncond + g[:, None, None, None] * (cond - uncond)
+        return float(np.mean((pred - target) ** 2))
+
+    want = direct(null_ctx, null_pooled)
+    zeros = direct(np.zeros_like(null_ctx), np.zeros_like(null_pooled))
+    print(f"distillation loss {loss(null_ctx, null_pooled):.6g}, direct {want:.6g}, with a zero empty "
+          f"caption {zeros:.6g}")
+    assert abs(want - zeros) > 0.05 * want  # the empty caption matters to the target
+    assert abs(loss(null_ctx, null_pooled) - want) < 1e-5 * want
+    # data without an empty-caption encoding: the unconditional text is zeros
+    assert abs(loss(None, None) - zeros) < 1e-5 * zeros

@@ -1,6 +1,6 @@
 """mmdit-train end to end on a tiny SD3 network and synthetic encoded batches: a tiny batch is overfit,
-a SIGTERM'd run resumes to exactly the losses and weights of an uninterrupted one, the workdir loads as
-a pipeline with the EMA weights, and bad settings fail before any work with one line."""
+a SIGTERM'd (then SIGINT'd) run resumes to exactly the losses and weights of an uninterrupted one, the
+workdir loads as a pipeline with the EMA weights, and bad settings fail before any work with one line."""
 import json
 import os
 import signal
@@ -89,22 +89,30 @@ def test_sigterm_then_rerun_resumes_exactly(tmp_path):
     assert "ETA" in res.stdout and "step 12/12" in res.stdout
 
     cmd, env = _cli(killed)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = os.path.join(killed, "metrics.jsonl")
-    deadline = time.time() + 500
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(metrics) and len(_losses(killed)) >= 4:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 143, err[-3000:]
-    assert "preempted: saved step" in out
-    stopped = int(out.split("preempted: saved step ")[1].split(";")[0])
+
+    def interrupt(sig, after):
+        """Run until `after` losses are logged, send `sig`: the step it saved at."""
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 500
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.exists(metrics) and len(_losses(killed)) >= after:
+                break
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 143, (sig, err[-3000:])
+        assert "preempted: saved step" in out
+        return int(out.split("preempted: saved step ")[1].split(";")[0]), out
+
+    stopped, _ = interrupt(signal.SIGTERM, 4)
     assert 4 <= stopped < 12
+    # Ctrl-C too: the resumed run saves and exits the same way
+    stopped_again, out = interrupt(signal.SIGINT, stopped + 2)
+    assert f"resumed from step {stopped}" in out and stopped + 2 <= stopped_again < 12
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert f"resumed from step {stopped}" in res.stdout
+    assert f"resumed from step {stopped_again}" in res.stdout
 
     # identical loss sequences (bitwise: CPU float32, same programs, same data and keys)
     assert _losses(killed) == _losses(ref) and len(_losses(ref)) == 12

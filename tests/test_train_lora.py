@@ -55,12 +55,37 @@ def _cfg(folder, max_steps):
 
 @pytest.fixture(scope="module")
 def runs(base):
+    """(full, half, exports): `exports` is the full run's LoRA file read back after each export, with the
+    step it was written at."""
     root, folder = base
     full, half = str(root / "full"), str(root / "half")
-    assert train(_cfg(folder, 4), full) == 0
+    exports, export = [], TrainMode.export
+
+    def recording(self, state, workdir, model):
+        path = export(self, state, workdir, model)
+        if os.path.abspath(workdir) == os.path.abspath(full):
+            f = TensorFile(path)
+            exports.append((int(state.step), {k: np.asarray(f[k]) for k in f.keys()}))
+        return path
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TrainMode, "export", recording)
+        assert train(_cfg(folder, 4), full) == 0
     assert train(_cfg(folder, 2), half) == 0
     assert train(_cfg(folder, 4), half) == 0  # resumes from step 2
-    return full, half
+    return full, half, exports
+
+
+def test_lora_file_is_rewritten_at_every_checkpoint(runs):
+    full, _, exports = runs
+    # checkpoint.every = 2 (Orbax's manager also saves the first step it is given)
+    assert [step for step, _ in exports] == [1, 2, 4]
+    at2, at4 = exports[1][1], exports[2][1]
+    assert sorted(at2) == sorted(at4)
+    assert max(float(np.abs(at2[k] - at4[k]).max()) for k in at2) > 0  # the step-4 adapters replaced step 2's
+    final = TensorFile(os.path.join(full, LORA_DIR, LORA_FILE))
+    for k in at4:
+        np.testing.assert_array_equal(np.asarray(final[k]), at4[k], err_msg=k)
 
 
 def test_trained_file_loads_in_diffusers_with_the_same_effect(base, runs):

@@ -76,7 +76,9 @@ SCRIPT = textwrap.dedent("""
             if name == "fsdp8":
                 per_device = step.memory_analysis().argument_size_in_bytes
                 print("MEM", per_device, total, per_device / (total / 8))
-                assert abs(per_device - total / 8) <= 0.15 * total / 8, (per_device, total / 8)
+                # measured 1.00057 x 1/8 (the few scalars every device holds); one bias left replicated
+                # would add more than that
+                assert total / 8 <= per_device <= 1.006 * total / 8, (per_device, total / 8)
             for _ in range(2):
                 state, m = step(state, b)
             out[name] = (float(m["loss"]), jax.tree.map(np.asarray, (state.params, state.ema)), state, sh)
@@ -85,7 +87,8 @@ SCRIPT = textwrap.dedent("""
             err = max(float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30))
                       for a, b in zip(jax.tree.leaves(t1), jax.tree.leaves(t2)))
             print(diffusers_cfg["_class_name"], name, l2, err)
-            assert abs(l1 - l2) <= 1e-5 * abs(l1) and err < 1e-5, (name, l1, l2, err)
+            # measured: loss within 1e-7 relative, params and EMA within 2.5e-7
+            assert abs(l1 - l2) <= 1e-6 * abs(l1) and err < 3e-6, (name, l1, l2, err)
         return model, tx, out
 
     run(TINY_FLUX, [("one", {}), ("seq2_fsdp4", {"sequence": 2, "fsdp": 4})])

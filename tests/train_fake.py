@@ -25,8 +25,9 @@ class FakeTrainData:
         self.text_layout = (TextSegment("clip", slice(0, 2), slice(0, 8), slice(0, 6)),
                             TextSegment("t5", slice(2, TEXT_LEN), slice(0, context_dim), slice(0, 0)))
         r = np.random.default_rng(12345)
-        self.null_text = (0.1 * r.standard_normal((TEXT_LEN, context_dim)).astype(np.float32),
-                          0.1 * r.standard_normal(pooled_dim).astype(np.float32))
+        # clearly non-zero (as real empty-caption encodings are), so a zero stand-in would show
+        self.null_text = (r.standard_normal((TEXT_LEN, context_dim)).astype(np.float32),
+                          r.standard_normal(pooled_dim).astype(np.float32))
 
     def __iter__(self):
         return self
