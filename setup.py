@@ -38,6 +38,7 @@ setup(
             "sentencepiece",
             "pytest",
             "pytest-xdist",
+            "ruff",  # tests/test_lint.py: pyflakes rules over the tree
         ],
     },
     entry_points={

@@ -9,7 +9,9 @@ Sections (SECTIONS below, run in order, each a function `run(tiny) -> rows`, a l
   eager and torch.compile on the same GPU (benchmarks/sampling_loop.py, with its parity check);
 - sd35_medium_train: SD3.5-medium full training steps at 1024x1024 (AdamW, float32 masters, EMA) with MFU
   (benchmarks/trainer_step.py);
-- flux_lora_train: FLUX.1-dev rank-16 attention LoRA on a frozen bfloat16 base at 1024x1024, with MFU.
+- flux_lora_train: FLUX.1-dev rank-16 attention LoRA on a frozen bfloat16 base at 1024x1024, with MFU;
+- attention: the XLA kernel one-shot and query-chunked (and splash block sizes on a TPU), forward +
+  backward at FLUX's joint lengths, with compiled temporary bytes (benchmarks/attention_kernels.py).
 Another section is one more (name, function) pair in SECTIONS.
 
 On an accelerator each section runs in its own process, so a failure or an out-of-memory in one leaves
@@ -115,8 +117,18 @@ def flux_lora_train(tiny: bool) -> list[dict]:
     return _train(tiny, "flux-dev", 16)
 
 
+def attention(tiny: bool) -> list[dict]:
+    """XLA attention one-shot against query-chunked (and splash block sizes on TPU), forward + backward
+    at FLUX's 512x512 and 1024x1024 joint lengths (benchmarks/attention_kernels.py)."""
+    import attention_kernels
+
+    rows = attention_kernels.run(tiny, reps=1 if tiny else 3)
+    # the driver names each row's section: the kernel's own section goes under "kernel"
+    return [{("kernel" if k == "section" else k): v for k, v in r.items()} for r in rows]
+
+
 SECTIONS = [("flux_sampling", flux_sampling), ("sd35_medium_train", sd35_medium_train),
-            ("flux_lora_train", flux_lora_train)]
+            ("flux_lora_train", flux_lora_train), ("attention", attention)]
 
 
 # ---- driver --------------------------------------------------------------------------------------------

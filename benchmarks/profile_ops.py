@@ -90,7 +90,7 @@ def main():
     for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"| {k} | {v * 1e3:.1f} | {100 * v / total:.0f}% |")
     if a.top:
-        print(f"\nslowest operations (ms per call, summed over scan iterations):")
+        print("\nslowest operations (ms per call, summed over scan iterations):")
         for name, v in sorted(by_op.items(), key=lambda kv: -kv[1])[:a.top]:
             print(f"  {v * 1e3:7.1f}  {name}  [{kind(name)}]")
 

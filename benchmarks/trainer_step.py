@@ -20,7 +20,6 @@ import time
 import common  # noqa: F401  (puts this checkout first on sys.path)
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import mmdit_jax as mj

@@ -11,7 +11,6 @@ import orbax.checkpoint as ocp
 import pytest
 
 import mmdit_jax as mj
-from mmdit_jax.io import orbax_io
 from mmdit_jax.transformer import save_transformer
 from sd3_oracle import tiny_config
 
@@ -104,3 +103,22 @@ def test_mismatched_and_damaged_checkpoints_fail_cleanly(tmp_path):
     os.makedirs(tmp_path / "d" / "params")
     with pytest.raises(mj.MMDiTError, match="not a readable Orbax checkpoint"):
         mj.load_transformer(str(tmp_path / "d"))
+
+
+def test_folder_with_fused_kernels_as_plain_matrices_says_convert_again(tmp_path):
+    """A params/ folder whose fused qkv kernels are stored merged, (..., in, 3 * width) as older versions
+    wrote them, is refused with the remedy named, not a bare shape mismatch."""
+    model = _model()
+    save_transformer(model, tmp_path / "t")
+    merged = jax.tree_util.tree_map_with_path(
+        lambda p, x: np.asarray(x).reshape(x.shape[:-2] + (-1,))
+        if any(getattr(k, "key", None) == "qkv" for k in p) and x.ndim >= 3 else np.asarray(x), model.params)
+    assert any(a.shape != b.shape for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(model.params)))
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copy(tmp_path / "t" / "config.json", old / "config.json")
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.abspath(old / "params"), merged)
+    ckptr.wait_until_finished()
+    with pytest.raises(mj.MMDiTError, match=r"qkv.* has shape .*: convert it again from the safetensors source"):
+        mj.load_transformer(str(old))

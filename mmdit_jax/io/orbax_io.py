@@ -59,7 +59,27 @@ def _check_tree(folder: str, saved_meta, template) -> None:
     for k, shape in want.items():
         if have[k] is not None and tuple(have[k]) != tuple(shape):
             raise MMDiTError(f"{folder}: parameter {k} has shape {tuple(have[k])} in the checkpoint, "
-                             f"the config needs {tuple(shape)}")
+                             f"the config needs {tuple(shape)}{_merged_hint(have[k], shape)}")
+
+
+def _merged_hint(have, want) -> str:
+    """A hint when the saved shape is the wanted one with neighbouring axes merged: fused kernels
+    (qkv, FLUX's linear1/linear2) written before they kept their parts on an axis of their own."""
+    have, want = tuple(have), tuple(want)
+    if have == want or int(np.prod(have)) != int(np.prod(want)):
+        return ""
+    i = 0
+    for d in have:
+        prod = 1
+        while i < len(want) and prod < d:
+            prod *= want[i]
+            i += 1
+        if prod != d:
+            return ""
+    if i != len(want):
+        return ""
+    return ("; this folder was written by an older mmdit-jax with fused kernels as plain matrices: convert "
+            "it again from the safetensors source with mmdit-convert")
 
 
 def check_saved(folder: str, template) -> None:
@@ -77,7 +97,7 @@ def check_saved(folder: str, template) -> None:
     for k, shape in want.items():
         if tuple(have[norm(k)]) != shape:
             raise MMDiTError(f"{path}: parameter {'/'.join(norm(k))} has shape {have[norm(k)]} in the "
-                             f"checkpoint, the config needs {shape}")
+                             f"checkpoint, the config needs {shape}{_merged_hint(have[norm(k)], shape)}")
 
 
 def restore_params(folder: str, template, shardings=None):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-from mmdit_jax.errors import MMDiTError
 
 _FACTORIES: dict[str, Callable] = {}
 

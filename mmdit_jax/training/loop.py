@@ -231,7 +231,7 @@ def _validation(cfg, model, data, start_state, put, batch_sh, mode=None, frozen=
 def _sampler(cfg, model, encoders, data, mode=None, frozen=None, mesh=None):
     from mmdit_jax.data.encode import load_encoders
     from mmdit_jax.training.samples import sample_latents, to_grid
-    from mmdit_jax.training.step import cast_floats
+    from mmdit_jax.training.modes import cast_floats
     from mmdit_jax.training.timesteps import shift_factor
 
     # the data's own encoders when it has them (no second copy in memory), else the folder's, loaded as

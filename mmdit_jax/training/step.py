@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from mmdit_jax.training import objective
-from mmdit_jax.training.modes import cast_floats, full_mode  # noqa: F401 - cast_floats re-exported
+from mmdit_jax.training.modes import full_mode
 from mmdit_jax.training.optim import ema_update
 from mmdit_jax.training.state import TrainState
 
