@@ -52,6 +52,13 @@ class SD3TextEncoders:
     family = "sd3"
     default_max_sequence_length = 256
 
+    @classmethod
+    def context_length(cls, max_sequence_length: int | None = None) -> int:
+        """Context rows per prompt: the CLIP rows, then T5's."""
+        from mmdit_jax.text.clip import CLIPTextConfig
+
+        return CLIPTextConfig.max_positions + (max_sequence_length or cls.default_max_sequence_length)
+
     def __init__(self, clip_l, clip_g, t5, tokenizers, joint_attention_dim: int, dtype):
         self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
         self.tok_l, self.tok_g, self.tok_t5 = tokenizers
@@ -94,6 +101,11 @@ class FluxTextEncoders:
     family = "flux"
     default_max_sequence_length = 512
 
+    @classmethod
+    def context_length(cls, max_sequence_length: int | None = None) -> int:
+        """Context rows per prompt: T5's only (CLIP gives the pooled vector)."""
+        return max_sequence_length or cls.default_max_sequence_length
+
     def __init__(self, clip, t5, tokenizers, dtype):
         self.clip, self.t5 = clip, t5
         self.tok_clip, self.tok_t5 = tokenizers
@@ -113,6 +125,9 @@ class FluxTextEncoders:
         ids_clip = tokenize(self.tok_clip, prompts, self.clip_length)
         ids_t5 = tokenize(self.tok_t5, prompts, n)
         return self._fn((self.clip.params, self.t5.params), ids_clip, ids_t5)
+
+
+ENCODERS = {c.family: c for c in (SD3TextEncoders, FluxTextEncoders)}  # by the transformer's family
 
 
 def load_text_encoders(path, dtype="float32", mesh=None):

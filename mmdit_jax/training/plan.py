@@ -21,13 +21,10 @@ VAE_SCALE = 8  # latent pixels per image pixel side, every supported family
 
 
 def text_length(family: str, max_sequence_length: int | None) -> int:
-    """Context rows the text encoders produce: SD3 77 CLIP rows then T5's, FLUX T5's only."""
-    from mmdit_jax.text.clip import CLIPTextConfig
-    from mmdit_jax.text.encoders import FluxTextEncoders, SD3TextEncoders
+    """Context rows the family's text encoders produce per prompt."""
+    from mmdit_jax.text.encoders import ENCODERS
 
-    if family == "sd3":
-        return CLIPTextConfig.max_positions + (max_sequence_length or SD3TextEncoders.default_max_sequence_length)
-    return max_sequence_length or FluxTextEncoders.default_max_sequence_length
+    return ENCODERS[family].context_length(max_sequence_length)
 
 
 def per_device_bytes(tree) -> int:
