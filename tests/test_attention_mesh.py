@@ -83,10 +83,10 @@ SCRIPT = textwrap.dedent("""
     jitted = []
     loop.jax = types.SimpleNamespace(**{n: getattr(jax, n) for n in ("random", "numpy")},
                                      jit=lambda fn: jitted.append(fn) or jax.jit(fn))
-    text = lambda prompts, max_sequence_length: (np.zeros((len(prompts), 5, 12), np.float32),
-                                                 np.zeros((len(prompts), 10), np.float32))
+    encode_text = lambda prompts: (np.zeros((len(prompts), 5, 12), np.float32),
+                                   np.zeros((len(prompts), 10), np.float32))
     vae = types.SimpleNamespace(config=types.SimpleNamespace(downsample_factor=8, latent_channels=16))
-    data = types.SimpleNamespace(encoders=types.SimpleNamespace(text=text, vae=vae))
+    data = types.SimpleNamespace(encoders=types.SimpleNamespace(encode_text=encode_text, vae=vae))
     cfg = cfg.replace(log=dataclasses.replace(cfg.log, sample_every=1, sample_steps=2, sample_resolution=48))
     loop._sampler(cfg, model, None, data, None, None, mesh)
     loop.jax = jax
