@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mmdit_jax.sharding import under_mesh
 from mmdit_jax.training import objective
 from mmdit_jax.training.modes import full_mode
 from mmdit_jax.training.optim import ema_update
@@ -123,13 +124,7 @@ def jit_train_step(model, tx, cfg, mesh, state_sh, layout=(), null_text=None, mo
     as step(state, batch), or step(state, batch, frozen) when the mode has a frozen tree."""
     from mmdit_jax.training.state import replicated
 
-    step = make_train_step(model, tx, cfg, layout, null_text, mode)
-
-    def on_mesh(*args):
-        # the ambient mesh lets the blocks constrain tokens to "sequence" and attention go context
-        # parallel (mmdit_jax.attention); without a sequence axis it changes nothing
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return step(*args)
+    on_mesh = under_mesh(make_train_step(model, tx, cfg, layout, null_text, mode), mesh)
 
     if frozen_sh is None:  # full mode: nothing frozen, step(state, batch)
         return jax.jit(on_mesh, in_shardings=(state_sh, batch_sharding(mesh)),
@@ -165,7 +160,6 @@ def make_eval_loss(model, cfg, mode=None, frozen=None, mesh=None):
         return objective.flow_loss(apply_fn(frozen), params, x0, eps, sigma, batch["context"], batch["pooled"],
                                    guidance, "none")
 
-    from mmdit_jax.sharding import under_mesh
 
     jitted = jax.jit(under_mesh(eval_loss, mesh))
 
