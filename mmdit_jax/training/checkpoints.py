@@ -17,7 +17,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from mmdit_jax.errors import MMDiTError
-from mmdit_jax.io.files import write_json
 from mmdit_jax.training.state import TrainState
 
 
@@ -145,7 +144,3 @@ class Preemption:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         return False
-
-
-def write_meta_json(path: str, data: dict) -> None:
-    write_json(path, data)

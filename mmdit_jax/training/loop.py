@@ -11,10 +11,11 @@ import numpy as np
 
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.families import family_of_diffusers_config, preset
+from mmdit_jax.io.files import write_json
 from mmdit_jax.progress import duration
 from mmdit_jax.sharding import make_mesh, under_mesh
 from mmdit_jax.training import config as C
-from mmdit_jax.training.checkpoints import Checkpointer, Preemption, write_meta_json
+from mmdit_jax.training.checkpoints import Checkpointer, Preemption
 from mmdit_jax.training.data import make_data
 from mmdit_jax.training.distributed import barrier, data_group, own, per_process
 from mmdit_jax.training.hooks import prepare_base, run_evaluation
@@ -107,7 +108,7 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
     if lead:
         prepare_workdir(workdir, net_cfg, encoders, use_ema,
                         base_transformer=cfg.model.pretrained if mode.kind == "lora" else None)
-        write_meta_json(os.path.join(workdir, "train_config.json"), C.to_dict(cfg))
+        write_json(os.path.join(workdir, "train_config.json"), C.to_dict(cfg))
     null_text = getattr(data, "null_text", None)
     null_text = None if null_text is None else tuple(jnp.asarray(x) for x in null_text)
     step_fn = jit_train_step(model, tx, cfg, mesh, state_sh, tuple(getattr(data, "text_layout", ()) or ()),

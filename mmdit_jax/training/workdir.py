@@ -9,8 +9,7 @@ from __future__ import annotations
 import json
 import os
 
-from mmdit_jax.io.files import link
-from mmdit_jax.training.checkpoints import write_meta_json
+from mmdit_jax.io.files import link, write_json
 
 EXTRA_FILES = ("toy.json",)
 PIPELINE_CLASS = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
@@ -40,7 +39,7 @@ def prepare_workdir(workdir: str, network_config, encoders: str | None, use_ema:
     else:
         index = {"_class_name": PIPELINE_CLASS[network_config.family]}
     index["transformer"] = ["diffusers", cfg["_class_name"]]
-    write_meta_json(os.path.join(workdir, "model_index.json"), index)
+    write_json(os.path.join(workdir, "model_index.json"), index)
     comp = os.path.join(workdir, "transformer")
     if base_transformer is not None:
         src = os.path.join(base_transformer, "transformer")
@@ -49,6 +48,6 @@ def prepare_workdir(workdir: str, network_config, encoders: str | None, use_ema:
             link(src, comp, workdir)
         return
     os.makedirs(comp, exist_ok=True)
-    write_meta_json(os.path.join(comp, "config.json"), cfg)
-    write_meta_json(os.path.join(comp, "checkpoint.json"),
+    write_json(os.path.join(comp, "config.json"), cfg)
+    write_json(os.path.join(comp, "checkpoint.json"),
                     {"directory": "../checkpoints", "item": "ema" if use_ema else "params"})
