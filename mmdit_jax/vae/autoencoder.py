@@ -18,7 +18,7 @@ from flax import nnx
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.io.component import ComponentWeights
 from mmdit_jax.io.sources import PrefixView, open_component, read_json
-from mmdit_jax.vae import tiling, weights
+from mmdit_jax.vae import flux2_autoencoder, tiling, weights
 from mmdit_jax.vae.config import VAEConfig
 from mmdit_jax.vae.model import AutoencoderKL
 from mmdit_jax.vae.pixel import CLASS_NAME as PIXEL_CLASS
@@ -160,6 +160,8 @@ def pixel_space_config(path) -> PixelSpaceConfig | None:
 def vae_weights(path, dtype="float32", *, family: str | None = None,
                 config: VAEConfig | None = None) -> ComponentWeights:
     """Config, abstract params and the source of a VAE (see `load_vae`; nothing read yet)."""
+    if flux2_autoencoder.wanted(path, family):
+        return flux2_autoencoder.flux2_vae_weights(path, dtype, family=family, config=config)
     dtype = parse_dtype(dtype)
     src = open_component(path, "vae")
     tensors, layout, origin = src.tensors, "diffusers", src.origin
@@ -194,9 +196,12 @@ def load_vae(path, dtype="float32", *, family: str | None = None, config: VAECon
     `family` also overrides a config.json's values. `config` replaces detection entirely (needed only
     for networks whose GroupNorm group count is not 32, which weights can not reveal).
 
-    A folder whose config.json names `PixelSpaceVAE` gives that parameter-free latent map instead."""
+    A folder whose config.json names `PixelSpaceVAE` gives that parameter-free latent map instead, and
+    FLUX.2's VAE (AutoencoderKLFlux2, or `family="flux2"`) a `Flux2VAE` (flux2_autoencoder.py)."""
     pixel = pixel_space_config(path)
     if pixel is not None:  # parameter-free: no weights file to open
         return PixelSpaceVAE(pixel, {}, parse_dtype(dtype))
+    if flux2_autoencoder.wanted(path, family):
+        return flux2_autoencoder.load_flux2_vae(path, dtype, family=family, config=config)
     w = vae_weights(path, dtype, family=family, config=config)
     return VAE(w.config, w.params(), dtype)
