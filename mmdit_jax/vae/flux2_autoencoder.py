@@ -189,7 +189,8 @@ def flux2_vae_weights(path, dtype="float32", *, family: str | None = None,
                              "family 'flux' or 'sd3'")
         tensors = flux2_weights.VAETensors(src.tensors, prefix)
         layout = flux2_weights.layout_of(tensors)
-        detected = flux2_weights.config_from_weights(tensors, layout, origin)
+        # a given config stands for detection (the only way to a group count other than 32)
+        detected = config or flux2_weights.config_from_weights(tensors, layout, origin)
     cfg = config if config is not None else detected
     template = _network(cfg, dtype).structure.abstract_params()  # statistics float32 in any dtype
     if src.orbax:

@@ -73,10 +73,19 @@ def layout_of(tensors: Mapping) -> str:
     return "diffusers" if diffusers else "original"
 
 
-def config_from_weights(tensors: Mapping, layout: str, origin: str) -> Flux2VAEConfig:
-    """The network's shape from tensor shapes. GroupNorm's group count leaves no trace: it is 32 as in
-    BFL's code; the batch-norm eps is BFL's 1e-4; decoder widths are the encoder's (BFL ties them)."""
-    kl = weights.config_from_weights(tensors, layout, origin)
+def _decoder_widths(tensors: Mapping, layout: str, levels: int) -> tuple[int, ...]:
+    """The decoder's widths in encoder order (diffusers' decoder_block_out_channels). diffusers numbers
+    decoder levels in execution order (widest first), the LDM layout by resolution like the encoder."""
+    if layout == "diffusers":
+        key = "decoder.up_blocks.{}.resnets.0.conv1.weight"
+        return tuple(_shape(tensors, key.format(levels - 1 - i))[0] for i in range(levels))
+    return tuple(_shape(tensors, f"decoder.up.{i}.block.0.conv1.weight")[0] for i in range(levels))
+
+
+def config_from_weights(tensors: Mapping, layout: str, origin: str, norm_num_groups: int = 32) -> Flux2VAEConfig:
+    """The network's shape from tensor shapes. GroupNorm's group count leaves no trace: it is
+    `norm_num_groups` (32 in BFL's code and every released file); the batch-norm eps is BFL's 1e-4."""
+    kl = weights.config_from_weights(tensors, layout, origin, norm_num_groups)
     quant = ("quant_conv", "post_quant_conv") if layout == "diffusers" else \
         ("encoder.quant_conv", "decoder.post_quant_conv")
     stats = _shape(tensors, BN_KEYS[0])
@@ -85,7 +94,12 @@ def config_from_weights(tensors: Mapping, layout: str, origin: str) -> Flux2VAEC
     if rem or side * side != per_patch:
         raise MMDiTError(f"{origin}: {BN_KEYS[0]} has shape {stats}, not a square patch of the "
                          f"{kl.latent_channels} latent channels")
-    return Flux2VAEConfig(block_out_channels=kl.block_out_channels, layers_per_block=kl.layers_per_block,
+    try:
+        decoder = _decoder_widths(tensors, layout, len(kl.block_out_channels))
+    except KeyError as e:
+        raise MMDiTError(f"{origin}: cannot detect the VAE's decoder, key {e} is missing") from None
+    return Flux2VAEConfig(block_out_channels=kl.block_out_channels, decoder_block_out_channels=decoder,
+                          layers_per_block=kl.layers_per_block,
                           in_channels=kl.in_channels, out_channels=kl.out_channels,
                           latent_channels=kl.latent_channels, norm_num_groups=kl.norm_num_groups,
                           mid_block_add_attention=kl.mid_block_add_attention,
