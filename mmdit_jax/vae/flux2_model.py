@@ -91,4 +91,4 @@ class AutoencoderKLFlux2(nnx.Module):
         return self.to_latents(self.encode_mean_raw(x))
 
     def decode_latents(self, latents):
-        return self.decode_raw(self.from_latents(latents).astype(self.decoder.conv_in.kernel.dtype))
+        return self.decode_raw(self.from_latents(latents))  # the convs cast to their own dtype
