@@ -240,3 +240,55 @@ def test_errors(klein, tmp_path):
         json.dump(dict(cfg, model_type="qwen3"), f)
     with pytest.raises(mj.MMDiTError, match="tokenizer"):
         mj.load_text_encoders(other)
+
+
+# ---------------------------------------------------------------- on a mesh
+
+MESH_SCRIPT = """
+import sys
+import jax, numpy as np
+import mmdit_jax as mj
+from mmdit_jax.sharding import make_mesh
+from mmdit_jax.text.flux2_prompt import load_flux2_text_encoders
+folder, prompts = sys.argv[1], sys.argv[2:]
+dev0 = jax.devices()[0]
+# float32 through the public loader; bfloat16 on the first two layers only (over 27 random layers its
+# rounding differences, sharded or not, grow past any useful tolerance)
+cases = {"float32": lambda **kw: mj.load_text_encoders(folder, "float32", **kw),
+         "bfloat16": lambda **kw: load_flux2_text_encoders(folder, "bfloat16", variant="klein", layers=(1, 2), **kw)}
+for dtype, load in cases.items():
+    want = np.asarray(load()(prompts, max_sequence_length=24)[0]).astype(np.float32)
+    enc = load(mesh=make_mesh({"fsdp": 8}))
+    leaves = jax.tree.leaves(enc.model.params)
+    per = sum(s.data.nbytes for x in leaves for s in x.addressable_shards if s.device == dev0)
+    total = sum(x.nbytes for x in leaves)
+    print(dtype, "bytes on device 0:", per, "of", total)
+    assert per <= 1.25 * total / 8, (per, total)
+    assert {x.dtype for x in leaves} == {np.dtype(jax.numpy.dtype(dtype))}
+    got = np.asarray(enc(prompts, max_sequence_length=24)[0]).astype(np.float32)
+    err = np.abs(got - want).max() / np.abs(want).max()
+    print(dtype, "sharded vs one device:", err)
+    # bfloat16: sharded contractions add bfloat16 partial sums (a few bfloat16 ulps, 2^-8 each)
+    assert err < (1e-5 if dtype == "float32" else 3e-2), err
+print("OK")
+"""
+
+
+@pytest.mark.slow
+def test_sharded_load(tmp_path):
+    """With a mesh, every parameter goes straight to its shards (about 1/8 of the bytes per device under
+    fsdp 8) and the encoding is unchanged."""
+    import subprocess
+    import sys
+
+    tok = qwen_tokenizer("right")
+    # widths that 8 divides, so every parameter can be split
+    model = qwen3_model(384, layers=28, seed=5, hidden_size=40, head_dim=8, intermediate_size=64)
+    folder = pipeline_folder(str(tmp_path / "klein"), "Flux2KleinPipeline", model, tok)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", MESH_SCRIPT, folder, *PROMPTS[:2]], env=env, capture_output=True,
+                         text=True, timeout=600)
+    print(res.stdout)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stdout + res.stderr[-3000:]
