@@ -94,6 +94,12 @@ def test_mistral_sliding_window(tmp_path):
 
 # ---------------------------------------------------------------- prompt encoding: klein (Qwen3)
 
+def _default(fn, name):
+    import inspect
+
+    return inspect.signature(fn).parameters[name].default
+
+
 @pytest.fixture(scope="module")
 def klein(tmp_path_factory):
     tok = qwen_tokenizer("right")
@@ -115,6 +121,8 @@ def test_klein_encode_prompt(klein):
     enc = mj.load_text_encoders(folder)
     assert enc.model.config.layers == 27 and not enc.model.config.final_norm
     assert enc.context_length(40) == 40 and enc.layers == (9, 18, 27)
+    assert _default(pipe.encode_prompt, "max_sequence_length") == enc.default_max_sequence_length
+    assert _default(pipe.encode_prompt, "text_encoder_out_layers") == enc.layers
     with torch.no_grad():
         want, _ = pipe.encode_prompt(PROMPTS, device="cpu", max_sequence_length=40)
     context, pooled = enc(PROMPTS, max_sequence_length=40)
@@ -174,6 +182,8 @@ def test_dev_encode_prompt(dev):
     pipe = Flux2Pipeline(scheduler=None, vae=None, text_encoder=model, tokenizer=processor, transformer=None)
     enc = mj.load_text_encoders(folder)
     assert enc.model.config.layers == 30 and enc.model.config.final_norm and enc.layers == (10, 20, 30)
+    assert _default(pipe.encode_prompt, "max_sequence_length") == enc.default_max_sequence_length
+    assert _default(pipe.encode_prompt, "text_encoder_out_layers") == enc.layers
     n = 48
     with torch.no_grad():
         want, _ = pipe.encode_prompt(PROMPTS, device="cpu", max_sequence_length=n)
