@@ -45,6 +45,8 @@ def _check_all_layers(folder, model, vocab, **load_kw):
     assert got.shape == (len(want),) + want[0].shape
     errs = [max_rel_err(g, w) for g, w in zip(got, want)]
     assert max(errs) < TOL, errs
+    # rematerialisation changes nothing forward
+    np.testing.assert_allclose(np.asarray(loaded.module()(ids, mask, remat="full")), got, rtol=0, atol=1e-6)
     return loaded, got
 
 
@@ -81,6 +83,49 @@ def test_mistral3_every_hidden_state(tmp_path):
     loaded, _ = _check_all_layers(str(tmp_path), model, 53)
     cfg = loaded.config
     assert not cfg.qk_norm and cfg.head_dim == 6 and cfg.hidden == 35 and cfg.sliding_window is None
+
+
+@pytest.mark.parametrize("rename", [
+    # Mistral3ForConditionalGeneration as transformers >= 4.52 lays it out in memory
+    {"language_model.model.": "model.language_model.", "language_model.lm_head.": "lm_head.",
+     "vision_tower.": "model.vision_tower.", "multi_modal_projector.": "model.multi_modal_projector."},
+    # a bare MistralModel (no prefix at all)
+    {"language_model.model.": "", "vision_tower.": None, "multi_modal_projector.": None}])
+def test_key_layouts(tmp_path, rename):
+    """The same weights under the other spellings transformers versions and classes save give the same
+    parameters."""
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    from mmdit_jax.io.sources import component_tensors
+    from mmdit_jax.text.decoder_weights import load_decoder
+
+    model = mistral3_model(53, layers=2, seed=7)
+    model.save_pretrained(str(tmp_path / "saved"))
+    tensors = component_tensors(str(tmp_path / "saved"))
+    out = {}
+    for key in tensors:
+        new = key
+        for old, repl in rename.items():
+            if key.startswith(old):
+                new = None if repl is None else repl + key[len(old):]
+        if new is not None:
+            out[new] = np.asarray(tensors[key])
+    os.makedirs(tmp_path / "renamed")
+    save_file(out, str(tmp_path / "renamed" / "model.safetensors"))
+    shutil.copy(tmp_path / "saved" / "config.json", tmp_path / "renamed" / "config.json")
+    want = load_decoder(str(tmp_path / "saved"), subfolder="").params
+    got = load_decoder(str(tmp_path / "renamed"), subfolder="").params
+    assert [p for p, _ in jax_leaves(want)] == [p for p, _ in jax_leaves(got)]
+    for (path, a), b in zip(jax_leaves(want), [x for _, x in jax_leaves(got)]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+
+
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree_util.tree_leaves_with_path(tree)
 
 
 def test_mistral_sliding_window(tmp_path):
