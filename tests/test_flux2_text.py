@@ -65,16 +65,12 @@ def test_qwen3_every_hidden_state(qwen3_folder):
     loaded, got = _check_all_layers(folder, model, 61)
     assert loaded.config.qk_norm and loaded.config.attention_bias and loaded.config.final_norm
     # the first 3 layers alone (no final norm) give the same first hidden states
-    part = load_decoder_first(folder, 3)
+    from mmdit_jax.text.decoder_weights import load_decoder
+
+    part = load_decoder(folder, "float32", subfolder="", layers=3)
     assert not part.config.final_norm and part.config.layers == 3
     ids, mask = _ids_and_mask(61)
     np.testing.assert_array_equal(np.asarray(part.module()(ids, mask, (3, 1))), got[[3, 1]])
-
-
-def load_decoder_first(folder, n):
-    from mmdit_jax.text.decoder_weights import load_decoder
-
-    return load_decoder(folder, "float32", subfolder="", layers=n)
 
 
 def test_mistral3_every_hidden_state(tmp_path):
