@@ -162,9 +162,14 @@ def load_text_encoders(path, dtype="float32", mesh=None):
             joint = int(read_json(tcfg).get("joint_attention_dim", joint))
         toks = (tok("tokenizer"), tok("tokenizer_2"), tok("tokenizer_3") if has_t5 else None)
         return SD3TextEncoders(clip_l, clip_g, t5, toks, joint, dtype)
+    if cls.startswith("Flux2"):  # Flux2Pipeline (dev, Mistral) / Flux2Klein*Pipeline (Qwen3)
+        from mmdit_jax.text.flux2_prompt import load_flux2_text_encoders
+
+        variant = "klein" if cls.startswith("Flux2Klein") else "dev"
+        return load_flux2_text_encoders(path, dtype, mesh, variant=variant)
     if cls.startswith("Flux"):
         clip = load_clip(path, dtype, subfolder="text_encoder", mesh=mesh)
         t5 = load_t5(path, dtype, subfolder="text_encoder_2", mesh=mesh)
         return FluxTextEncoders(clip, t5, (tok("tokenizer"), tok("tokenizer_2")), dtype)
-    raise MMDiTError(f"{index_path}: unsupported pipeline class {cls!r} (expected StableDiffusion3Pipeline "
-                     "or FluxPipeline)")
+    raise MMDiTError(f"{index_path}: unsupported pipeline class {cls!r} (expected StableDiffusion3Pipeline, "
+                     "FluxPipeline, Flux2Pipeline or Flux2KleinPipeline)")
