@@ -1,6 +1,7 @@
 """The public transformer object: config + params + a pure `apply`, for every family."""
 from __future__ import annotations
 
+import inspect
 import math
 
 import jax
@@ -77,19 +78,24 @@ class Transformer:
         return self._structure.module(params)
 
     def apply(self, params, latents, sigma, context, pooled, guidance=None, *, remat: str = "none",
-              skip_layers: tuple[int, ...] = ()):
-        """`skip_layers` (SD3 family only): blocks bypassed, as diffusers' skip-layer guidance does."""
-        kw = {}
+              skip_layers: tuple[int, ...] = (), references=None):
+        """`skip_layers` (SD3 family only): blocks bypassed, as diffusers' skip-layer guidance does.
+        `references` (FLUX.2 only): reference latents attended to alongside `latents`."""
+        kw, module = {}, self.module(params)
+        if references is not None:
+            if "references" not in inspect.signature(type(module).__call__).parameters:
+                raise MMDiTError(f"references are supported for FLUX.2 models, not {self.config.family}")
+            kw["references"] = list(references)
         if skip_layers:
             if self.config.family != "sd3":
                 raise MMDiTError(f"skip_layers is supported for SD3-family models, not {self.config.family}")
             kw["skip_layers"] = tuple(int(i) for i in skip_layers)
-        return self.module(params)(latents, sigma, context, pooled, guidance, remat=remat, **kw)
+        return module(latents, sigma, context, pooled, guidance, remat=remat, **kw)
 
     def __call__(self, latents, sigma, context, pooled, guidance=None, *, remat: str = "none",
-                 skip_layers: tuple[int, ...] = ()):
+                 skip_layers: tuple[int, ...] = (), references=None):
         return self._jitted(self.params, latents, sigma, context, pooled, guidance, remat=remat,
-                            skip_layers=tuple(skip_layers))
+                            skip_layers=tuple(skip_layers), references=references)
 
     def trainable_mask(self):
         """Pytree of bools over `params`: False for buffers (never updated by an optimizer)."""
