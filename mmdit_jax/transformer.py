@@ -13,6 +13,7 @@ from mmdit_jax.errors import MMDiTError
 from mmdit_jax.families import detect, family_of_config, family_of_diffusers_config
 from mmdit_jax.io import orbax_io
 from mmdit_jax.io.component import ComponentWeights
+from mmdit_jax.io.float8 import dequantized
 from mmdit_jax.io.sources import open_component
 from mmdit_jax.layers import Buffer
 from mmdit_jax.structure import Structure
@@ -114,7 +115,7 @@ def transformer_weights(path, dtype="float32") -> ComponentWeights:
         config = family_of_diffusers_config(src.config, src.origin).config_from_diffusers(src.config,
                                                                                         src.origin)
         return ComponentWeights(config, Structure(abstract_module(config, dtype)).abstract_params(), src.origin)
-    fam, layout, tensors = detect(src.tensors, src.config, src.origin)
+    fam, layout, tensors = detect(dequantized(src.tensors, src.origin), src.config, src.origin)
     if src.config is not None:
         config = fam.config_from_diffusers(src.config, src.origin)
     else:
