@@ -2,11 +2,15 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import mmdit_jax as mj
 from conftest import max_rel_err
 from flux2_oracle import TINY, inputs, tiny_flux2, torch_forward
 from flux_oracle import correctly_rounded_sinusoid
+from mmdit_jax.flux2.config import Flux2Config
+from mmdit_jax.stacking import REMAT_POLICIES
+from test_remat import _checkpoint_policies
 
 
 def test_gradients_match_torch(tmp_path):
@@ -56,3 +60,34 @@ def test_gradients_match_torch(tmp_path):
         err = max_rel_err(got, named[name].grad.numpy())
         print(f"grad {name}: max rel err {err:.2e}")
         assert err < 2e-5, (name, err)
+
+
+@pytest.fixture(scope="module")
+def remat_case():
+    """(jitted grad(params, policy), random params, gradients without remat)."""
+    cfg = Flux2Config(in_channels=12, out_channels=12, num_heads=2, head_dim=16, depth=2, depth_single=2,
+                      context_dim=20, axes_dim=(4, 4, 4, 4), time_channels=32, guidance_embed=True)
+    tm = mj.Transformer.init(cfg, seed=0)
+    r = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: (x + 0.1 * r.standard_normal(x.shape)).astype(x.dtype), tm.params)
+    lat, sigma, ctx, g, refs = inputs(r, TINY, 2, 3, 4, 3, True, ((2, 2),))
+
+    def loss(p, remat):
+        return jnp.sum(jnp.cos(tm.apply(p, lat, sigma, ctx, None, g, references=refs, remat=remat)))
+
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    base = grad.trace(params, "none")
+    assert not _checkpoint_policies(base.jaxpr.jaxpr)
+    return grad, params, jax.tree.leaves(base.lower().compile()(params))
+
+
+@pytest.mark.slow  # one backward compile per policy
+@pytest.mark.parametrize("policy", sorted(p for p in REMAT_POLICIES if p != "none"))
+def test_remat_policy_keeps_the_gradients(remat_case, policy):
+    grad, params, base = remat_case
+    traced = grad.trace(params, policy)
+    policies = _checkpoint_policies(traced.jaxpr.jaxpr)
+    assert policies and all(p is REMAT_POLICIES[policy] for p in policies), (policy, policies)
+    errs = [max_rel_err(a, b) for a, b in zip(jax.tree.leaves(traced.lower().compile()(params)), base)]
+    print(f"remat {policy}: max rel err over {len(errs)} gradients {max(errs):.1e}")
+    assert max(errs) < 5e-6
