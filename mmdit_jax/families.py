@@ -8,7 +8,7 @@ from typing import Callable, Mapping
 from mmdit_jax.errors import MMDiTError
 
 # Modules that call `register` on import; a new family adds its module here.
-FAMILY_MODULES = ("mmdit_jax.sd3.family", "mmdit_jax.flux.family")
+FAMILY_MODULES = ("mmdit_jax.sd3.family", "mmdit_jax.flux.family", "mmdit_jax.flux2.family")
 # Prefixes single-file checkpoints put before the network's keys (SAI, ComfyUI).
 SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 

@@ -1,6 +1,7 @@
 """The public transformer object: config + params + a pure `apply`, for every family."""
 from __future__ import annotations
 
+import inspect
 import math
 
 import jax
@@ -12,6 +13,7 @@ from mmdit_jax.errors import MMDiTError
 from mmdit_jax.families import detect, family_of_config, family_of_diffusers_config
 from mmdit_jax.io import orbax_io
 from mmdit_jax.io.component import ComponentWeights
+from mmdit_jax.io.float8 import dequantized
 from mmdit_jax.io.sources import open_component
 from mmdit_jax.layers import Buffer
 from mmdit_jax.structure import Structure
@@ -77,19 +79,24 @@ class Transformer:
         return self._structure.module(params)
 
     def apply(self, params, latents, sigma, context, pooled, guidance=None, *, remat: str = "none",
-              skip_layers: tuple[int, ...] = ()):
-        """`skip_layers` (SD3 family only): blocks bypassed, as diffusers' skip-layer guidance does."""
-        kw = {}
+              skip_layers: tuple[int, ...] = (), references=None):
+        """`skip_layers` (SD3 family only): blocks bypassed, as diffusers' skip-layer guidance does.
+        `references` (FLUX.2 only): reference latents attended to alongside `latents`."""
+        kw, module = {}, self.module(params)
+        if references is not None:
+            if "references" not in inspect.signature(type(module).__call__).parameters:
+                raise MMDiTError(f"references are supported for FLUX.2 models, not {self.config.family}")
+            kw["references"] = list(references)
         if skip_layers:
             if self.config.family != "sd3":
                 raise MMDiTError(f"skip_layers is supported for SD3-family models, not {self.config.family}")
             kw["skip_layers"] = tuple(int(i) for i in skip_layers)
-        return self.module(params)(latents, sigma, context, pooled, guidance, remat=remat, **kw)
+        return module(latents, sigma, context, pooled, guidance, remat=remat, **kw)
 
     def __call__(self, latents, sigma, context, pooled, guidance=None, *, remat: str = "none",
-                 skip_layers: tuple[int, ...] = ()):
+                 skip_layers: tuple[int, ...] = (), references=None):
         return self._jitted(self.params, latents, sigma, context, pooled, guidance, remat=remat,
-                            skip_layers=tuple(skip_layers))
+                            skip_layers=tuple(skip_layers), references=references)
 
     def trainable_mask(self):
         """Pytree of bools over `params`: False for buffers (never updated by an optimizer)."""
@@ -108,7 +115,7 @@ def transformer_weights(path, dtype="float32") -> ComponentWeights:
         config = family_of_diffusers_config(src.config, src.origin).config_from_diffusers(src.config,
                                                                                         src.origin)
         return ComponentWeights(config, Structure(abstract_module(config, dtype)).abstract_params(), src.origin)
-    fam, layout, tensors = detect(src.tensors, src.config, src.origin)
+    fam, layout, tensors = detect(dequantized(src.tensors, src.origin), src.config, src.origin)
     if src.config is not None:
         config = fam.config_from_diffusers(src.config, src.origin)
     else:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from mmdit_jax.convert.pipelines import BUNDLED_TEXT, PIPELINE_OF_FAMILY, default_scheduler
+from mmdit_jax.convert.pipelines import BUNDLED_TEXT, default_scheduler, pipeline_of
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.io.component import ComponentWeights
 from mmdit_jax.io.sources import open_tensors, read_json
 
-TRANSFORMER_CLASSES = ("SD3Transformer2DModel", "FluxTransformer2DModel")
+TRANSFORMER_CLASSES = ("SD3Transformer2DModel", "FluxTransformer2DModel", "Flux2Transformer2DModel")
 
 
 @dataclasses.dataclass
@@ -39,7 +39,7 @@ class Found:
     origin: str
     jobs: list[Job]
     pipeline: str | None  # pipeline class; None: one component written as a component folder
-    family: str | None = None  # "sd3" | "flux" when a transformer (or the pipeline) says so
+    family: str | None = None  # "sd3" | "flux" | "flux2" when a transformer (or the pipeline) says so
     notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -89,6 +89,7 @@ def _pipeline(path: str, dtype, tokenizers: str | None) -> Found:
             continue
         if name == "transformer":
             w = transformer_weights(path, dtype)
+            found.family = w.config.family
             found.jobs.append(Job(name, "transformer", w, _config_of(w.origin) or w.config.to_diffusers(), cls))
         elif name == "vae":
             w = autoencoder.vae_weights(path, dtype)
@@ -117,7 +118,7 @@ def _component(path: str, dtype) -> Found:
     if cls in TRANSFORMER_CLASSES:
         w = transformer_weights(path, dtype)
         job = Job("transformer", "transformer", w, cfg, cls)
-        return Found(path, [job], PIPELINE_OF_FAMILY[w.config.family], w.config.family)
+        return Found(path, [job], pipeline_of(w.config), w.config.family)
     if cls == "AutoencoderKL":
         w = autoencoder.vae_weights(path, dtype)
         return Found(path, [Job("vae", "vae", w, cfg, cls)], None)
@@ -165,11 +166,12 @@ def _single_file(path: str, dtype, tokenizers: str | None) -> Found:
                          f"ComfyUI layout), so the pipeline family can not be told; first keys: "
                          f"{', '.join(list(tensors)[:5])}")
 
+    from mmdit_jax.families import family_of_config
+
     t = transformer_weights(path, dtype)
     fam = t.config.family
     found = Found(path, [Job("transformer", "transformer", t, t.config.to_diffusers(),
-                             "SD3Transformer2DModel" if fam == "sd3" else "FluxTransformer2DModel")],
-                  PIPELINE_OF_FAMILY[fam], fam)
+                             family_of_config(t.config).diffusers_class)], pipeline_of(t.config), fam)
     if has_vae:
         v = autoencoder.vae_weights(path, dtype, family=fam)
         found.jobs.append(Job("vae", "vae", v, v.config.to_diffusers(), "AutoencoderKL"))

@@ -89,6 +89,7 @@ def detect_layout(keys) -> str | None:
     keys = set(keys)
     if "x_embedder.weight" in keys and "time_text_embed.timestep_embedder.linear_1.weight" in keys:
         return "diffusers"
-    if "img_in.weight" in keys and "time_in.in_layer.weight" in keys:
+    # FLUX.2's BFL files also have img_in and time_in; only FLUX.1 has the pooled-vector embedder
+    if "img_in.weight" in keys and "time_in.in_layer.weight" in keys and "vector_in.in_layer.weight" in keys:
         return "original"
     return None

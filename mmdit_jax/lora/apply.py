@@ -12,6 +12,7 @@ in their output columns): one low-rank product per Linear, scanned with its bloc
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import Sequence
 
@@ -189,18 +190,19 @@ def _as_key(rng):
 
 def apply_lora(model, params, loras: LoRA | Sequence[LoRA], latents, sigma, context, pooled,
                guidance=None, *, scales=None, merged: bool = False, dropout: float = 0.0, rng=None,
-               remat: str = "none"):
+               remat: str = "none", references=None):
     """The model's velocity with adapters; `model` is a `Transformer` (its config and dtype are used),
     `params` its (possibly bfloat16, possibly sharded) base params.
 
     merged=True folds the adapters into the kernels first (sampling); otherwise they act on the
-    activations, with dropout `dropout` on each adapter's input when `rng` is given (training)."""
+    activations, with dropout `dropout` on each adapter's input when `rng` is given (training).
+    `references`: FLUX.2's reference latents, as `Transformer.apply` takes them."""
     loras, scales = _check(loras, scales)
     if merged:
         if rng is not None and dropout > 0:
             raise MMDiTError("LoRA dropout needs the unmerged form (merged=False)")
         return model.apply(merge(params, loras, scales), latents, sigma, context, pooled, guidance,
-                           remat=remat)
+                           remat=remat, references=references)
     if not 0.0 <= dropout < 1.0:
         raise MMDiTError(f"LoRA dropout {dropout!r} must be in [0, 1)")
     drop = rng is not None and dropout > 0
@@ -219,4 +221,10 @@ def apply_lora(model, params, loras: LoRA | Sequence[LoRA], latents, sigma, cont
             node["lora_key"] = jax.random.key_data(k)
         spec.append((key, a.shape[-1], jnp.dtype(a.dtype).name, drop))
     structure = _structure(model.config, model.dtype, tuple(spec), float(dropout) if drop else 0.0)
-    return structure.module(aug)(latents, sigma, context, pooled, guidance, remat=remat)
+    module = structure.module(aug)
+    kw = {}
+    if references is not None:
+        if "references" not in inspect.signature(type(module).__call__).parameters:
+            raise MMDiTError(f"references are supported for FLUX.2 models, not {model.config.family}")
+        kw["references"] = list(references)
+    return module(latents, sigma, context, pooled, guidance, remat=remat, **kw)
