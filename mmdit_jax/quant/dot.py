@@ -42,12 +42,12 @@ def _native(x, q, scale, n_in):
 
 
 def _native_fwd(x, q, scale, n_in):
-    return _native(x, q, scale, n_in), (q, scale, x.dtype)
+    return _native(x, q, scale, n_in), (q, scale, jnp.zeros((0,), x.dtype))  # x's dtype, as an array
 
 
 def _native_bwd(n_in, res, g):
     """dx through the dequantised kernel (straight-through for the activations' rounding)."""
-    q, scale, x_dtype = res
+    q, scale, x_like = res
     dt = scale.dtype
     n_out = q.ndim - n_in
     gs = g.astype(dt) * scale
@@ -55,7 +55,7 @@ def _native_bwd(n_in, res, g):
     dx = jax.lax.dot_general(gs, q.astype(dt), ((out_g, tuple(range(n_in, q.ndim))), ((), ())))
     dq = (np.zeros(q.shape, jax.dtypes.float0) if jnp.issubdtype(q.dtype, jnp.integer)
           else jnp.zeros_like(q))
-    return dx.astype(x_dtype), dq, jnp.zeros_like(scale)
+    return dx.astype(x_like.dtype), dq, jnp.zeros_like(scale)
 
 
 _native.defvjp(_native_fwd, _native_bwd)

@@ -78,7 +78,9 @@ def quantize(w, spec: QuantSpec, in_axes: tuple[int, ...], scale_dtype, xp=jnp):
     without `in_axes` (the contracted axes), per output channel: w ~= q * scale."""
     wf = xp.asarray(w).astype(np.float32)
     amax = xp.max(xp.abs(wf), axis=in_axes, keepdims=True)
-    scale = xp.where(amax > 0, amax / np.float32(spec.qmax), np.float32(1.0)).astype(scale_dtype)
+    # times the rounded reciprocal, not divided: XLA turns a division by a constant into that product, and
+    # the host path must give the same bits
+    scale = xp.where(amax > 0, amax * np.float32(1.0 / spec.qmax), np.float32(1.0)).astype(scale_dtype)
     v = wf / scale.astype(np.float32)
     if spec.format == "int8":
         v = xp.clip(xp.round(v), -spec.qmax, spec.qmax)
