@@ -251,8 +251,10 @@ def _sampler(cfg, model, encoders, data, mode=None, frozen=None, mesh=None):
     shift = shift_factor(cfg.timesteps, (side, side))
     compute = jnp.dtype(cfg.model.compute_dtype)
 
+    net = mode.base_net(model) if mode is not None else model  # a quantised LoRA base's structure
+
     def apply_fn(p, x, s, c, pl, g):
-        return model.apply(cast_floats(p, compute), x.astype(compute), s, c.astype(compute), pl.astype(compute), g)
+        return net.apply(cast_floats(p, compute), x.astype(compute), s, c.astype(compute), pl.astype(compute), g)
 
     params_of = mode.sampling_params if mode is not None else (lambda t, f: t)  # LoRA: merged into the base
 
