@@ -57,8 +57,14 @@ def test_frozen_base_is_int8(base):
     qkv = frozen["groups"][0]["blocks"]["x_block"]["attn"]["qkv"]
     assert qkv["kernel"].dtype == jnp.int8 and qkv["kernel_scale"].dtype == jnp.float32
     assert frozen["context_embedder"]["kernel"].dtype == jnp.float32  # embedders stay float
-    placed, _ = mode.frozen(model.params, None, model, make_mesh({"data": 1}, jax.devices()[:1]))
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    placed, _ = mode.frozen(model.params, None, model, mesh)  # quantised from the float base
     assert jax.tree.structure(placed) == jax.tree.structure(frozen)
+    # what the trainer does: the base read quantised (never whole in float), then placed as it is
+    read, _ = mode.frozen(mj.load_transformer(folder, "float32", quantize="int8").params, None, model, mesh)
+    for a, b in zip(jax.tree.leaves(read), jax.tree.leaves(placed)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.slow

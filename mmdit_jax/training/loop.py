@@ -68,7 +68,8 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
         # read straight into the shards (a large model never sits whole on one host); a LoRA base is
         # never trained: it is read in its frozen dtype
         dtype = cfg.lora.base_dtype if cfg.lora.enabled else "float32"
-        pretrained = load_transformer(cfg.model.pretrained, dtype, mesh=mesh)
+        quantize = cfg.lora.base_quantize if cfg.lora.enabled else None  # read quantised: never whole in float
+        pretrained = load_transformer(cfg.model.pretrained, dtype, mesh=mesh, quantize=quantize)
         net_cfg = pretrained.config
     else:
         net_cfg = network_config(cfg.model)

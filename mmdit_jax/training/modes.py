@@ -117,6 +117,8 @@ class TrainMode:
         net, dtype = self._frozen_net(model)
         params = base_params if self.kind == "lora" else teacher_params
         sh = net.param_shardings(mesh)
+        if net.quantize is not None and jax.tree.structure(params) == jax.tree.structure(sh):
+            return jax.device_put(params, sh), sh  # read quantised (load_transformer(quantize=))
         if net.quantize is not None:  # quantised from the float base as placed in the float shardings
             params = jax.device_put(params, self.base_net(model, quantized=False).param_shardings(mesh))
             return jax.jit(self._quantize_base(net), out_shardings=sh)(params), sh
@@ -146,7 +148,7 @@ class TrainMode:
     def base_net(self, model, quantized: bool = True):
         """The network the frozen LoRA base runs as: `model` itself, or with lora.base_quantize its
         quantised form (block kernels int8 / fp8, scales in lora.base_dtype; mmdit_jax.quant)."""
-        q = getattr(self.cfg.lora, "base_quantize", None) if self.kind == "lora" else None
+        q = self.cfg.lora.base_quantize if self.kind == "lora" else None
         if q is None or not quantized:
             return model
         from mmdit_jax.transformer import Transformer
