@@ -172,8 +172,9 @@ class TrainMode:
             from mmdit_jax.lora import apply_lora
 
             rate = self.cfg.lora.dropout
-            return apply_lora(self.base_net(model), cast_floats(frozen, compute), self.lora_of(cast_floats(trained, compute)),
-                              *args, dropout=rate, rng=rng if rate > 0 else None, remat=remat)
+            lora = self.lora_of(cast_floats(trained, compute))
+            return apply_lora(self.base_net(model), cast_floats(frozen, compute), lora, *args, dropout=rate,
+                              rng=rng if rate > 0 else None, remat=remat)
         return model.apply(cast_floats(trained, compute), *args, remat=remat)
 
     def teacher_cfg_velocity(self, frozen, x, sigma, ctx, pooled, null_ctx, null_pooled, g, *, compute,
