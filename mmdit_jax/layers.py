@@ -15,6 +15,8 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
 
+from mmdit_jax.quant.dot import quantized_dot
+
 xavier = nnx.initializers.xavier_uniform()
 zeros = nnx.initializers.zeros_init()
 ones = nnx.initializers.ones_init()
@@ -53,9 +55,17 @@ class Linear(nnx.Module):
         self.kernel = param(init, rngs.params(), shape, param_dtype, axes)
         self.bias = param(zeros, rngs.params(), dout, param_dtype, axes[self.n_in:]) if use_bias else None
 
+    # set on block kernels stored as int8 / float8 (mmdit_jax.quant): scales per output channel and the
+    # matmul mode; the model's compute dtype is then the scale's
+    kernel_scale = None
+    dot = "dequant"
+
     def __call__(self, x):
         k = self.kernel[...]
-        y = jnp.tensordot(x.astype(k.dtype), k, axes=self.n_in)
+        if self.kernel_scale is not None:
+            y = quantized_dot(x, k, self.kernel_scale[...], self.n_in, self.dot)
+        else:
+            y = jnp.tensordot(x.astype(k.dtype), k, axes=self.n_in)
         if self.bias is not None:
             y = y + self.bias[...]
         return y

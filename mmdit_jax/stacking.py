@@ -12,6 +12,7 @@ from flax import nnx
 
 from mmdit_jax.attention import LSE_NAME
 from mmdit_jax.layers import Modulation
+from mmdit_jax.quant.formats import is_quantized
 from mmdit_jax.sharding import constrain
 
 # Names tagged inside blocks (see layers.py and the model files; the attention kernels tag the softmax
@@ -67,7 +68,15 @@ class Stack(nnx.Module):
             # cond is repeated per layer so the product is a batched matmul on the kernels as stored; with
             # cond shared, XLA first transposes every stacked kernel (and its gradient) on CPU
             conds = jax.numpy.broadcast_to(cond, (self.n,) + cond.shape)
-            mods = jax.vmap(lambda a, s, c: nnx.merge(graphdef, a, s).modulations(c))(adaln, state, conds)
+            def modulations(a, s, c):
+                return nnx.merge(graphdef, a, s).modulations(c)
+
+            if any(is_quantized(x.dtype) for x in jax.tree.leaves(adaln)):
+                # one layer at a time: batched, the int8 / fp8 kernels of all layers would be converted
+                # to the compute dtype at once (a float copy of a third of the blocks' weights)
+                mods = jax.lax.map(lambda xs: modulations(*xs), (adaln, state, conds))
+            else:
+                mods = jax.vmap(modulations)(adaln, state, conds)
             # whole over "tensor" (gathered here, once for all layers): each block cuts them into
             # chunks that would otherwise straddle the shards at every layer
             mods = jax.tree.map(lambda m: constrain(m, ("layers", "batch") + (None,) * (m.ndim - 2)), mods)

@@ -16,6 +16,8 @@ from mmdit_jax.io.component import ComponentWeights
 from mmdit_jax.io.float8 import dequantized
 from mmdit_jax.io.sources import open_component
 from mmdit_jax.layers import Buffer
+from mmdit_jax.quant.formats import parse_quantize
+from mmdit_jax.quant.model import quantize_module
 from mmdit_jax.structure import Structure
 
 # float64 exists for exactness checks against float64 oracles (needs jax_enable_x64).
@@ -37,13 +39,16 @@ def default_dtype() -> str:
     return "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32"
 
 
-def abstract_module(config, dtype=jnp.float32):
-    """The model's structure with ShapeDtypeStructs for values: no memory is allocated."""
+def abstract_module(config, dtype=jnp.float32, quantize=None):
+    """The model's structure with ShapeDtypeStructs for values: no memory is allocated. `quantize`
+    ("int8", "fp8", a `mmdit_jax.quant.QuantSpec`): block kernels stored quantised (mmdit_jax.quant)."""
     fam = family_of_config(config)
     # built outside any ambient mesh (a jitted step traces under one): the parameters' out_sharding
     # metadata holds logical axis names, which only sharding.py maps to mesh axes
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
-        return nnx.eval_shape(lambda: fam.build(config, param_dtype=dtype, rngs=nnx.Rngs(0)))
+        module = nnx.eval_shape(lambda: fam.build(config, param_dtype=dtype, rngs=nnx.Rngs(0)))
+    spec = parse_quantize(quantize)
+    return module if spec is None else quantize_module(module, spec)
 
 
 def count_params(config) -> int:
@@ -59,11 +64,13 @@ class Transformer:
     latents (B, H, W, C) NHWC; sigma (B,) in [0, 1]; context (B, L, context_dim); pooled (B, pooled_dim);
     returns the velocity (noise - data), (B, H, W, C)."""
 
-    def __init__(self, config, params, dtype=jnp.float32):
+    def __init__(self, config, params, dtype=jnp.float32, quantize=None):
+        """`quantize`: None, or the format of the block kernels in `params` (see `load_transformer`)."""
         self.config = config
         self.family = family_of_config(config)
         self.dtype = parse_dtype(dtype)
-        self._structure = Structure(abstract_module(config, self.dtype))
+        self.quantize = parse_quantize(quantize)
+        self._structure = Structure(abstract_module(config, self.dtype, self.quantize))
         self.params = params
         self._jitted = jax.jit(self.apply, static_argnames=("remat", "skip_layers"))
 
@@ -130,15 +137,24 @@ def transformer_weights(path, dtype="float32") -> ComponentWeights:
     return ComponentWeights(config, template, src.origin, fam.plan(config), tensors, layout)
 
 
-def load_transformer(path, dtype="float32", *, mesh=None, shardings=None) -> Transformer:
+def load_transformer(path, dtype="float32", *, mesh=None, shardings=None, quantize=None) -> Transformer:
     """An SD3/SD3.5/FLUX transformer from a diffusers pipeline/component folder, a single file or an
     Orbax folder written by mmdit-convert. With `mesh` (or an explicit `shardings` pytree) each
-    parameter is placed straight on its sharding from the logical-axis rules, never gathered first."""
+    parameter is placed straight on its sharding from the logical-axis rules, never gathered first.
+    `quantize` "int8" | "fp8": every block kernel stored in that format with per-output-channel scales,
+    quantised as it is read (mmdit_jax.quant); the model computes in `dtype`."""
+    spec = parse_quantize(quantize)
     weights = transformer_weights(path, dtype)
-    model = Transformer(weights.config, None, dtype)
+    model = Transformer(weights.config, None, dtype, spec)
     if mesh is not None and shardings is None:
         shardings = model.param_shardings(mesh)
-    model.params = weights.params(shardings)
+    if spec is None:
+        model.params = weights.params(shardings)
+    else:
+        from mmdit_jax.quant.model import load_quantized, sites
+
+        model.params = load_quantized(weights, sites(abstract_module(model.config, model.dtype, spec)), spec,
+                                      model.dtype, shardings)
     return model
 
 

@@ -35,6 +35,7 @@ class LoraLinear(Linear):
 
     def __init__(self, base: Linear, rank: int, dtype, rate: float, with_key: bool):
         self.kernel, self.bias = base.kernel, base.bias
+        self.kernel_scale, self.dot = base.kernel_scale, base.dot  # a quantised base (mmdit_jax.quant)
         self.n_in, self.n_out = base.n_in, base.n_out
         shape = base.kernel.shape
         lead = shape[:len(shape) - self.n_in - self.n_out]
@@ -149,27 +150,36 @@ def merge(params, loras: LoRA | Sequence[LoRA], scales=None):
     """params with every adapter's update added into its kernels (pure; jit-able).
 
     The update is formed in float32 (or the adapters' wider dtype) and rounded once into the
-    kernel's dtype, so a bfloat16 base receives one rounding per kernel."""
+    kernel's dtype, so a bfloat16 base receives one rounding per kernel. A quantised kernel (int8 /
+    fp8 with its `kernel_scale`) is dequantised, updated and quantised again with fresh scales."""
     loras, scales = _check(loras, scales)
     out = dict(params)
     for key in _keys(loras):
         node = _copy_path(out, _path(key))
         kernel = node["kernel"]
-        a, b, c = factors(loras, scales, key, _matrix_shape(loras, key, kernel.shape))
+        matrix = _matrix_shape(loras, key, kernel.shape)
+        a, b, c = factors(loras, scales, key, matrix)
         delta = jnp.einsum("...ir,...ro->...io", a * c[..., None, :].astype(a.dtype), b,
                            precision=jax.lax.Precision.HIGHEST).reshape(kernel.shape)
+        if "kernel_scale" in node:
+            from mmdit_jax.quant.model import requantize
+
+            lead, n_in = len(matrix) - 2, kernel.ndim - node["kernel_scale"].ndim
+            node["kernel"], node["kernel_scale"] = requantize(kernel, node["kernel_scale"], delta,
+                                                              tuple(range(lead, lead + n_in)))
+            continue
         wide = jnp.promote_types(kernel.dtype, delta.dtype)
         node["kernel"] = (kernel.astype(wide) + delta.astype(wide)).astype(kernel.dtype)
     return out
 
 
 @functools.lru_cache(maxsize=32)
-def _structure(config, dtype, spec, rate):
+def _structure(config, dtype, spec, rate, quantize=None):
     """The model's structure with `LoraLinear`s at the adapted paths."""
     from mmdit_jax.structure import Structure
     from mmdit_jax.transformer import abstract_module
 
-    module = abstract_module(config, dtype)
+    module = abstract_module(config, dtype, quantize)
     for key, rank, adapter_dtype, with_key in spec:
         path = _path(key)
         parent = module
@@ -220,7 +230,8 @@ def apply_lora(model, params, loras: LoRA | Sequence[LoRA], latents, sigma, cont
             k = jax.random.split(k, lead[0]) if lead else k
             node["lora_key"] = jax.random.key_data(k)
         spec.append((key, a.shape[-1], jnp.dtype(a.dtype).name, drop))
-    structure = _structure(model.config, model.dtype, tuple(spec), float(dropout) if drop else 0.0)
+    structure = _structure(model.config, model.dtype, tuple(spec), float(dropout) if drop else 0.0,
+                           getattr(model, "quantize", None))
     module = structure.module(aug)
     kw = {}
     if references is not None:

@@ -94,10 +94,11 @@ class Pipeline:
         self.transformer.params = self._tparams = tparams
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, mesh=None) -> "Pipeline":
+    def from_pretrained(cls, path, dtype=None, mesh=None, quantize=None) -> "Pipeline":
         """Transformer, VAE, text encoders and scheduler config of a model folder. `dtype` None: bfloat16
         on GPU/TPU, float32 on CPU (`mmdit_jax.transformer.default_dtype`). `mesh`: see the module
-        docstring; the transformer's parameters are then read straight into their shards."""
+        docstring; the transformer's parameters are then read straight into their shards. `quantize`
+        "int8" | "fp8": the transformer's block kernels stored quantised (`load_transformer`)."""
         from mmdit_jax.text import load_text_encoders
         from mmdit_jax.transformer import default_dtype, load_transformer
         from mmdit_jax.vae import load_vae
@@ -108,7 +109,7 @@ class Pipeline:
             raise MMDiTError(f"{path}: no such model folder")
         scheduler = schedules.read_scheduler_config(path)
         mesh = None if mesh is None else as_mesh(mesh)
-        transformer = load_transformer(path, dtype, mesh=mesh)
+        transformer = load_transformer(path, dtype, mesh=mesh, quantize=quantize)
         vae = load_vae(path, dtype)
         text = load_text_encoders(path, dtype, mesh=mesh)
         if text.family != transformer.config.family:

@@ -133,6 +133,7 @@ class LoraTrainConfig:
     blocks: tuple[int, ...] | None = None  # joint / FLUX double block indices (None: all)
     single_blocks: tuple[int, ...] | None = None  # FLUX single blocks (None: all)
     base_dtype: str = "float32"  # the frozen base's dtype ("bfloat16" halves its memory)
+    base_quantize: str | None = None  # "int8" | "fp8": the base's block kernels quantised (mmdit_jax.quant)
     format: str = "diffusers"  # WORKDIR/lora file layout: "diffusers" | "kohya" | "comfyui"
 
 
@@ -465,6 +466,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         need(0 <= lr.dropout < 1, "lora.dropout", "must be in [0, 1)")
         need(lr.targets in LORA_TARGETS, "lora.targets", f"one of {sorted(LORA_TARGETS)}")
         need(lr.base_dtype in COMPUTE_DTYPES, "lora.base_dtype", f"one of {COMPUTE_DTYPES}")
+        need(lr.base_quantize in (None, "int8", "fp8"), "lora.base_quantize", "one of int8, fp8 (or none)")
         need(lr.format in LORA_FORMATS, "lora.format", f"one of {LORA_FORMATS}")
         for k in ("blocks", "single_blocks"):
             v = getattr(lr, k)

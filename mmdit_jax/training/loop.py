@@ -68,7 +68,8 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
         # read straight into the shards (a large model never sits whole on one host); a LoRA base is
         # never trained: it is read in its frozen dtype
         dtype = cfg.lora.base_dtype if cfg.lora.enabled else "float32"
-        pretrained = load_transformer(cfg.model.pretrained, dtype, mesh=mesh)
+        quantize = cfg.lora.base_quantize if cfg.lora.enabled else None  # read quantised: never whole in float
+        pretrained = load_transformer(cfg.model.pretrained, dtype, mesh=mesh, quantize=quantize)
         net_cfg = pretrained.config
     else:
         net_cfg = network_config(cfg.model)
@@ -251,8 +252,10 @@ def _sampler(cfg, model, encoders, data, mode=None, frozen=None, mesh=None):
     shift = shift_factor(cfg.timesteps, (side, side))
     compute = jnp.dtype(cfg.model.compute_dtype)
 
+    net = mode.base_net(model) if mode is not None else model  # a quantised LoRA base's structure
+
     def apply_fn(p, x, s, c, pl, g):
-        return model.apply(cast_floats(p, compute), x.astype(compute), s, c.astype(compute), pl.astype(compute), g)
+        return net.apply(cast_floats(p, compute), x.astype(compute), s, c.astype(compute), pl.astype(compute), g)
 
     params_of = mode.sampling_params if mode is not None else (lambda t, f: t)  # LoRA: merged into the base
 

@@ -24,7 +24,11 @@ GUIDANCE_EMBEDDER = {"sd3": "g_embedder", "flux": "guidance_in"}
 
 
 def cast_floats(tree, dtype):
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+    """Float leaves cast to `dtype`; quantised kernels (int8 / float8 storage, mmdit_jax.quant) kept."""
+    from mmdit_jax.quant.formats import is_quantized
+
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+                        and not is_quantized(x.dtype) else x, tree)
 
 
 class TrainMode:
@@ -113,6 +117,11 @@ class TrainMode:
         net, dtype = self._frozen_net(model)
         params = base_params if self.kind == "lora" else teacher_params
         sh = net.param_shardings(mesh)
+        if net.quantize is not None and jax.tree.structure(params) == jax.tree.structure(sh):
+            return jax.device_put(params, sh), sh  # read quantised (load_transformer(quantize=))
+        if net.quantize is not None:  # quantised from the float base as placed in the float shardings
+            params = jax.device_put(params, self.base_net(model, quantized=False).param_shardings(mesh))
+            return jax.jit(self._quantize_base(net), out_shardings=sh)(params), sh
         cast = jax.jit(lambda p: cast_floats(p, jnp.dtype(dtype)), out_shardings=sh)
         return cast(jax.device_put(params, sh)), sh
 
@@ -126,14 +135,33 @@ class TrainMode:
 
         net, dtype = self._frozen_net(model)
         sh = net.param_shardings(mesh)
-        cast = jax.eval_shape(lambda p: cast_floats(p, jnp.dtype(dtype)),
-                              Structure(abstract_module(net.config)).abstract_params())
+        convert = (self._quantize_base(net) if net.quantize is not None
+                   else lambda p: cast_floats(p, jnp.dtype(dtype)))
+        cast = jax.eval_shape(convert, Structure(abstract_module(net.config)).abstract_params())
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), cast, sh), sh
 
     def _frozen_net(self, model):
         if self.kind == "lora":
-            return model, self.cfg.lora.base_dtype
+            return self.base_net(model), self.cfg.lora.base_dtype
         return self.teacher, self.cfg.distill.teacher_dtype
+
+    def base_net(self, model, quantized: bool = True):
+        """The network the frozen LoRA base runs as: `model` itself, or with lora.base_quantize its
+        quantised form (block kernels int8 / fp8, scales in lora.base_dtype; mmdit_jax.quant)."""
+        q = self.cfg.lora.base_quantize if self.kind == "lora" else None
+        if q is None or not quantized:
+            return model
+        from mmdit_jax.transformer import Transformer
+
+        return Transformer(model.config, None, self.cfg.lora.base_dtype, q)
+
+    @staticmethod
+    def _quantize_base(net):
+        from mmdit_jax.quant.model import quantize_params, sites
+        from mmdit_jax.transformer import abstract_module
+
+        site_list = sites(abstract_module(net.config, net.dtype, net.quantize))
+        return lambda p: quantize_params(p, site_list, net.quantize, net.dtype)
 
     # -- forward passes ----------------------------------------------------------------------------
     def velocity(self, model, trained, frozen, x, sigma, ctx, pooled, guidance, *, compute, remat="none",
@@ -144,8 +172,9 @@ class TrainMode:
             from mmdit_jax.lora import apply_lora
 
             rate = self.cfg.lora.dropout
-            return apply_lora(model, cast_floats(frozen, compute), self.lora_of(cast_floats(trained, compute)),
-                              *args, dropout=rate, rng=rng if rate > 0 else None, remat=remat)
+            lora = self.lora_of(cast_floats(trained, compute))
+            return apply_lora(self.base_net(model), cast_floats(frozen, compute), lora, *args, dropout=rate,
+                              rng=rng if rate > 0 else None, remat=remat)
         return model.apply(cast_floats(trained, compute), *args, remat=remat)
 
     def teacher_cfg_velocity(self, frozen, x, sigma, ctx, pooled, null_ctx, null_pooled, g, *, compute,
