@@ -81,7 +81,7 @@ class Transformer:
         """`skip_layers` (SD3 family only): blocks bypassed, as diffusers' skip-layer guidance does."""
         kw = {}
         if skip_layers:
-            if self.config.family != "sd3":
+            if not self.family.sampling.skip_layer_guidance:
                 raise MMDiTError(f"skip_layers is supported for SD3-family models, not {self.config.family}")
             kw["skip_layers"] = tuple(int(i) for i in skip_layers)
         return self.module(params)(latents, sigma, context, pooled, guidance, remat=remat, **kw)
