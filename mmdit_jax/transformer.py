@@ -95,7 +95,7 @@ class Transformer:
                 raise MMDiTError(f"references are supported for FLUX.2 models, not {self.config.family}")
             kw["references"] = list(references)
         if skip_layers:
-            if self.config.family != "sd3":
+            if not self.family.sampling.skip_layer_guidance:
                 raise MMDiTError(f"skip_layers is supported for SD3-family models, not {self.config.family}")
             kw["skip_layers"] = tuple(int(i) for i in skip_layers)
         return module(latents, sigma, context, pooled, guidance, remat=remat, **kw)

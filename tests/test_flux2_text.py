@@ -180,7 +180,7 @@ def test_klein_layers_and_last_layer(klein):
     import torch
     from diffusers import Flux2KleinPipeline
 
-    from mmdit_jax.text.flux2_prompt import klein_tokens, load_flux2_text_encoders
+    from mmdit_jax.flux2.text import klein_tokens, load_flux2_text_encoders
 
     folder, model, _ = klein
     tok = qwen_tokenizer("left")
@@ -215,7 +215,7 @@ def test_dev_encode_prompt(dev):
     from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
 
     import mmdit_jax as mj
-    from mmdit_jax.text import flux2_prompt
+    from mmdit_jax.flux2 import text as flux2_prompt
 
     assert flux2_prompt.SYSTEM_MESSAGE == SYSTEM_MESSAGE
     folder, model, tok = dev
@@ -239,7 +239,7 @@ def test_dev_right_padding(dev):
     import torch
     from diffusers import Flux2Pipeline
 
-    from mmdit_jax.text.flux2_prompt import dev_tokens, load_flux2_text_encoders
+    from mmdit_jax.flux2.text import dev_tokens, load_flux2_text_encoders
 
     folder, model, _ = dev
     tok = mistral_tokenizer("right")
@@ -259,7 +259,7 @@ def test_errors(klein, tmp_path):
     import shutil
 
     import mmdit_jax as mj
-    from mmdit_jax.text.flux2_prompt import load_flux2_text_encoders
+    from mmdit_jax.flux2.text import load_flux2_text_encoders
 
     folder, _, _ = klein
     # a missing shard
@@ -300,7 +300,7 @@ import sys
 import jax, numpy as np
 import mmdit_jax as mj
 from mmdit_jax.sharding import make_mesh
-from mmdit_jax.text.flux2_prompt import load_flux2_text_encoders
+from mmdit_jax.flux2.text import load_flux2_text_encoders
 folder, prompts = sys.argv[1], sys.argv[2:]
 dev0 = jax.devices()[0]
 # float32 through the public loader; bfloat16 on the first two layers only (over 27 random layers its

@@ -1,8 +1,11 @@
-"""What a diffusers pipeline folder of each family holds: its class, components and the scheduler
-config of the released models (for single-file sources, which carry none)."""
+"""What a diffusers pipeline folder holds: its components by pipeline class, and the scheduler config of
+the released models (for single-file sources, which carry none; each family's `schedulers`)."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.families import families, family_of_config
 
 # component name -> (library, class) as model_index.json lists them, in diffusers' order
 COMPONENTS = {
@@ -42,43 +45,31 @@ COMPONENTS = {
         "vae": ("diffusers", "AutoencoderKLFlux2"),
     },
 }
-PIPELINE_OF_FAMILY = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "flux2": "Flux2KleinPipeline"}
-# families whose guidance-embedded models ship in a pipeline of their own
-GUIDED_PIPELINE_OF_FAMILY = {"flux2": "Flux2Pipeline"}
-# where the text towers bundled in single files go (SAI SD3 files; ComfyUI all-in-one FLUX files)
-BUNDLED_TEXT = {
-    "sd3": {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5xxl": "text_encoder_3"},
-    "flux": {"clip_l": "text_encoder", "t5xxl": "text_encoder_2"},
-    "flux2": {},
-}
 
 
-def pipeline_of(config) -> str:
-    """The diffusers pipeline class of a transformer config (FLUX.2: dev if it has guidance, else klein)."""
-    if getattr(config, "guidance_embed", False) and config.family in GUIDED_PIPELINE_OF_FAMILY:
-        return GUIDED_PIPELINE_OF_FAMILY[config.family]
-    return PIPELINE_OF_FAMILY[config.family]
+class _ReleasedSchedulers(Mapping):
+    """Every family's released scheduler_config.json by model name (`Family.schedulers`)."""
 
-_FLOW = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000}
-# The hub repos' scheduler/scheduler_config.json: SD3 / SD3.5 shift 3.0; FLUX.1-dev resolution-dependent
-# shift (mu linear in the image token count between 256 and 4096); FLUX.1-schnell no shift.
-SCHEDULERS = {
-    "sd3": {**_FLOW, "shift": 3.0},
-    "flux-dev": {**_FLOW, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
-                 "base_image_seq_len": 256, "max_image_seq_len": 4096},
-    "flux-schnell": {**_FLOW, "shift": 1.0, "use_dynamic_shifting": False, "base_shift": 0.5,
-                     "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096},
-}
-# FLUX.2's pipelines pass their own mu (compute_empirical_mu) to a dynamically shifting scheduler, so of
-# this config only use_dynamic_shifting matters; the rest is FLUX.1-dev's
-SCHEDULERS["flux2"] = dict(SCHEDULERS["flux-dev"])
+    def _all(self) -> dict:
+        return {k: v for fam in families().values() for k, v in fam.schedulers.items()}
+
+    def __getitem__(self, name):
+        return self._all()[name]
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __len__(self):
+        return len(self._all())
+
+
+SCHEDULERS = _ReleasedSchedulers()
 
 
 def default_scheduler(config) -> dict:
     """The released scheduler config for a transformer config (FLUX: dev if it has guidance)."""
-    if config.family == "flux":
-        return dict(SCHEDULERS["flux-dev" if config.guidance_embed else "flux-schnell"])
-    return dict(SCHEDULERS[config.family])
+    fam = family_of_config(config)
+    return dict(fam.schedulers[fam.scheduler_of(config)])
 
 
 def model_index(pipeline: str, present: dict[str, str | None]) -> dict:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.families import family_named, family_of_config
 from mmdit_jax.io.safetensors_io import TensorFile, save_file
 from mmdit_jax.lora import targets as tg
 from mmdit_jax.lora.adapter import LoRA, Part
@@ -283,7 +284,7 @@ def lora_tensors(lora: LoRA, model, format: str = "diffusers"):
     cfg = _config_of(model)
     if format not in FORMATS:
         raise MMDiTError(f"LoRA format {format!r}: expected one of {FORMATS}")
-    if lora.family != cfg.family:
+    if family_named(lora.family) is not family_of_config(cfg):
         raise MMDiTError(f"a {lora.family} LoRA cannot be written for a {cfg.family} model")
     if format == "diffusers":
         return _diffusers_tensors(lora, cfg)

@@ -103,17 +103,17 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class BaseConfig:
-    # a registered base maker (training.hooks; "toy", "toy-flux") writes the pipeline folder the run
+    # a registered base maker (training.hooks) writes the pipeline folder the run
     # trains from into WORKDIR/base, once; it then stands in for model.pretrained and encoders
     maker: str | None = None
-    options: dict | None = None  # maker-specific settings (toy: ToyConfig fields)
+    options: dict | None = None  # maker-specific settings
     seed: int = 0  # the base's random initialisation
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     # after the last step (and on rerunning a finished run): sample through mj.Pipeline, score, write
-    # WORKDIR/eval/; "toy": held-out prompts scored by the toy checker
+    # WORKDIR/eval/
     kind: str = "none"  # "none" | a kind registered in training.hooks
     steps: int = 20
     guidance: float = 3.0

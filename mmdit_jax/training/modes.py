@@ -17,10 +17,11 @@ import numpy as np
 from flax import nnx
 
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.families import ByFamily
 
 LORA_DIR = "lora"
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
-GUIDANCE_EMBEDDER = {"sd3": "g_embedder", "flux": "guidance_in"}
+GUIDANCE_EMBEDDER = ByFamily(lambda fam: fam.guidance_embedder)  # the parameter's name by family
 
 
 def cast_floats(tree, dtype):

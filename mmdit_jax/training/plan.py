@@ -22,9 +22,9 @@ VAE_SCALE = 8  # latent pixels per image pixel side, every supported family
 
 def text_length(family: str, max_sequence_length: int | None) -> int:
     """Context rows the family's text encoders produce per prompt."""
-    from mmdit_jax.text.encoders import ENCODERS
+    from mmdit_jax.families import family_named
 
-    return ENCODERS[family].context_length(max_sequence_length)
+    return family_named(family).text.encoders.context_length(max_sequence_length)
 
 
 def per_device_bytes(tree) -> int:

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.families import family_of_vae_prefix
 from mmdit_jax.io.component import ComponentWeights
 from mmdit_jax.io.sources import PrefixView, open_component, read_json
 from mmdit_jax.vae import flux2_autoencoder, tiling, weights
@@ -174,7 +175,7 @@ def vae_weights(path, dtype="float32", *, family: str | None = None,
             raise MMDiTError(f"{origin}: {e}") from None
         tensors = PrefixView(tensors, prefix) if prefix else tensors
         detected = weights.config_from_weights(tensors, layout, origin)
-        detected = detected.with_family(family or ("sd3" if prefix == "first_stage_model." else "flux"))
+        detected = detected.with_family(family or family_of_vae_prefix(prefix).name)
     cfg = config if config is not None else detected
     if family is not None and config is None:
         cfg = cfg.with_family(family)
@@ -191,9 +192,9 @@ def load_vae(path, dtype="float32", *, family: str | None = None, config: VAECon
     layout.
 
     Latent scale/shift: a folder's config.json gives them. A single file carries none, so they come
-    from `family` ("sd3" or "flux") when given, else from where the keys sit: `first_stage_model.`
-    (an SD3 checkpoint) means "sd3", bare or `vae.` keys (BFL's ae.safetensors) mean "flux". An explicit
-    `family` also overrides a config.json's values. `config` replaces detection entirely (needed only
+    from `family` (a family name) when given, else from where the keys sit (`Family.vae`):
+    `first_stage_model.` (an SD3 checkpoint) means SD3, bare or `vae.` keys (BFL's ae.safetensors)
+    FLUX. An explicit `family` also overrides a config.json's values. `config` replaces detection entirely (needed only
     for networks whose GroupNorm group count is not 32, which weights can not reveal).
 
     A folder whose config.json names `PixelSpaceVAE` gives that parameter-free latent map instead, and

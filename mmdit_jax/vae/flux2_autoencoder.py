@@ -26,9 +26,13 @@ from mmdit_jax.vae.flux2_config import CLASS_NAME, Flux2VAEConfig
 from mmdit_jax.vae.flux2_model import AutoencoderKLFlux2
 from mmdit_jax.vae.shapes import check_nhwc
 
-# The `family` names that ask `load_vae` for this VAE.
-FAMILY = "flux2"
-FAMILIES = (FAMILY,)
+
+
+def _family_wants_this(family: str | None) -> bool:
+    """Whether the named family's VAE is this class (its `Family.vae.cls`)."""
+    from mmdit_jax.families import family_named
+
+    return family is not None and family_named(family).vae.cls == CLASS_NAME
 
 
 def _build(cfg, dtype, seed=0):
@@ -163,7 +167,7 @@ def holds_flux2_vae(path) -> bool:
 
 def wanted(path, family: str | None) -> bool:
     """Whether `load_vae(path, family=family)` is a request for this VAE (then it is the one loader)."""
-    return family in FAMILIES or holds_flux2_vae(path)
+    return _family_wants_this(family) or holds_flux2_vae(path)
 
 
 def flux2_vae_weights(path, dtype="float32", *, family: str | None = None,
@@ -172,9 +176,9 @@ def flux2_vae_weights(path, dtype="float32", *, family: str | None = None,
     dtype = parse_dtype(dtype)
     src = open_component(path, "vae")
     origin = src.origin
-    if family is not None and family not in FAMILIES:
+    if family is not None and not _family_wants_this(family):
         raise MMDiTError(f"{origin}: holds a FLUX.2 VAE ({CLASS_NAME}); family {family!r} does not apply "
-                         f"(use {FAMILY!r} or none)")
+                         "(use the family whose VAE this is, or none)")
     if config is not None and not isinstance(config, Flux2VAEConfig):
         raise MMDiTError(f"{origin}: holds a FLUX.2 VAE; config must be a Flux2VAEConfig, got "
                          f"{type(config).__name__}")

@@ -23,7 +23,7 @@ import numpy as np
 
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.text.decoder_weights import load_decoder
-from mmdit_jax.text.encoders import _check_length, _prompts
+from mmdit_jax.text.encoders import check_length, prompt_list
 from mmdit_jax.transformer import parse_dtype
 
 KLEIN_LAYERS = (9, 18, 27)
@@ -104,6 +104,17 @@ class Flux2TextEncoders:
     def context_length(cls, max_sequence_length: int | None = None) -> int:
         return max_sequence_length or cls.default_max_sequence_length
 
+    @classmethod
+    def from_pipeline(cls, path: str, index: dict, dtype, mesh, tok) -> "Flux2TextEncoders":
+        """From a Flux2Pipeline (dev) or Flux2Klein*Pipeline (klein) folder; its tokenizer is loaded with
+        transformers' AutoTokenizer (the chat template comes with it), not `tok`."""
+        variant = "klein" if str(index.get("_class_name", "")).startswith("Flux2Klein") else "dev"
+        return load_flux2_text_encoders(path, dtype, mesh, variant=variant)
+
+    def layout(self, n: int) -> list[tuple[str, slice, slice, slice]]:
+        """(name, context rows, context channels, pooled channels): one language model, no pooled vector."""
+        return [("decoder", slice(0, n), slice(0, self.width), slice(0, 0))]
+
     def __init__(self, model, tokenize, layers, dtype):
         """`model`: a Loaded DecoderLM; `tokenize(prompts, max_length) -> (ids, mask)`."""
         self.model, self.tokenize, self.dtype = model, tokenize, dtype
@@ -118,8 +129,8 @@ class Flux2TextEncoders:
         return jnp.transpose(hidden, (1, 2, 0, 3)).reshape(b, length, k * d).astype(self.dtype)
 
     def __call__(self, prompts, max_sequence_length=None):
-        prompts = _prompts(prompts)
-        n = _check_length(max_sequence_length or self.default_max_sequence_length)
+        prompts = prompt_list(prompts)
+        n = check_length(max_sequence_length or self.default_max_sequence_length)
         ids, mask = self.tokenize(prompts, n)
         return self._fn(self.model.params, ids, mask), None
 
