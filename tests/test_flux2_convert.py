@@ -36,7 +36,7 @@ def test_bfl_file_orbax_bfl_file_is_bit_exact(tmp_path, dtype):
     assert index["_class_name"] == "Flux2KleinPipeline"
     assert index["transformer"] == ["diffusers", "Flux2Transformer2DModel"] and index["vae"] == [None, None]
     export(str(tmp_path / "orbax"), str(tmp_path / "orig"), "original")
-    a, b = TensorFile(str(tmp_path / "klein.safetensors")), TensorFile(str(tmp_path / "orig" / "flux.safetensors"))
+    a, b = TensorFile(str(tmp_path / "klein.safetensors")), TensorFile(str(tmp_path / "orig" / "flux2.safetensors"))
     assert sorted(a) == sorted(b)
     for k in a:
         x, y = np.asarray(a[k]), np.asarray(b[k])
