@@ -8,7 +8,7 @@ the measured float32 matmul rate on CPU.
 
     python benchmarks/trainer_step.py [--preset sd3-medium] [--layers 2] [--width 4] [--batch 2]
         [--latent 32] [--text 77] [--dtypes float32,bfloat16] [--remats none,full] [--steps 5]
-    # issue 10's GPU target, SD3-medium at 1024x1024 (128x128 latents), bf16, one GPU:
+    # the GPU target, SD3-medium at 1024x1024 (128x128 latents), bf16, one GPU:
     python benchmarks/trainer_step.py --preset sd3-medium --full --batch 4 --latent 128 --text 333 \
         --dtypes bfloat16 --remats none,dots,full
 """

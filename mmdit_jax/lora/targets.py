@@ -16,7 +16,6 @@ from mmdit_jax.errors import MMDiTError
 from mmdit_jax.families import family_of_config
 from mmdit_jax.io.rules import kind_of
 
-CATEGORIES = ("attn", "mlp", "mod", "embed")
 _ATTN = re.compile(r"(^|\.)(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0|to_add_out)$")
 _MLP = re.compile(r"(^|\.)(ff|ff_context)\.net\.(0\.proj|2)$|(^|\.)(proj_mlp|proj_out)$")
 _MOD = re.compile(r"(^|\.)(norm1|norm1_context|norm|norm_out)\.linear$")

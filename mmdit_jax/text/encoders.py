@@ -21,7 +21,7 @@ from mmdit_jax.errors import MMDiTError
 from mmdit_jax.io.sources import read_json
 from mmdit_jax.text.tokenizers import load_tokenizer, tokenize
 from mmdit_jax.text.weights import load_clip, load_t5
-from mmdit_jax.transformer import parse_dtype
+from mmdit_jax.dtypes import parse_dtype
 
 def _component(index: dict, name: str) -> str | None:
     """The class model_index.json names for a component, or None when it is absent (null)."""
