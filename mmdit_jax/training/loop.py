@@ -107,7 +107,7 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
     data_start_all = per_process(data_start)  # the meta stores every process's own data stream
     if lead:
         prepare_workdir(workdir, net_cfg, encoders, use_ema,
-                        base_transformer=cfg.model.pretrained if mode.kind == "lora" else None)
+                        base_transformer=mode.base_transformer)
         write_json(os.path.join(workdir, "train_config.json"), C.to_dict(cfg))
     null_text = getattr(data, "null_text", None)
     null_text = None if null_text is None else tuple(jnp.asarray(x) for x in null_text)
