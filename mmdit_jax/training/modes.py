@@ -124,9 +124,19 @@ class TrainMode:
         """The transformer a workdir's sampler loads under the trained tree (LoRA: the frozen base)."""
         return None
 
+    writes_export = False  # whether the mode has an output file of its own (`write_export`)
+
     def export(self, state, workdir: str, model) -> str | None:
-        """Writes the mode's own output file into `workdir`; returns its path (None: nothing to write)."""
-        return None
+        """The mode's own output file, from the EMA (or the params), written into `workdir`; returns its
+        path (None: the mode has none)."""
+        if not self.writes_export:
+            return None
+        tree = state.ema if state.ema is not None else state.params
+        return self.write_export(jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), tree),
+                                 workdir, model)
+
+    def write_export(self, trained, workdir: str, model) -> str:
+        raise NotImplementedError
 
 
 class FullMode(TrainMode):
@@ -202,13 +212,14 @@ class LoraMode(TrainMode):
     def base_transformer(self) -> str | None:
         return self.cfg.model.pretrained
 
-    def export(self, state, workdir: str, model) -> str | None:
-        """WORKDIR/lora/pytorch_lora_weights.safetensors (diffusers / PEFT keys) from the EMA (or the
-        params), plus lora_<format>.safetensors for kohya / comfyui; atomic writes."""
+    writes_export = True
+
+    def write_export(self, trained, workdir: str, model) -> str:
+        """WORKDIR/lora/pytorch_lora_weights.safetensors (diffusers / PEFT keys), plus
+        lora_<format>.safetensors for kohya / comfyui; atomic writes."""
         from mmdit_jax.lora import save_lora
 
-        tree = state.ema if state.ema is not None else state.params
-        lora = self.lora_of(jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), tree))
+        lora = self.lora_of(trained)
         folder = os.path.join(workdir, LORA_DIR)
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, LORA_FILE)
