@@ -123,7 +123,7 @@ def table(results: list[dict]) -> list[str]:
     return rows
 
 
-# issue 10's CPU targets: (comparison, minimum speed-up over diffusers eager, minimum utilisation)
+# the CPU targets: (comparison, minimum speed-up over diffusers eager, minimum utilisation)
 TARGETS = {"forward": (1.5, 0.65), "train": (1.2, None), "sampling": (1.5, None)}
 
 

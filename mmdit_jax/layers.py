@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -165,8 +166,17 @@ class MLPEmbedder(nnx.Module):
         return self.out_layer(jax.nn.silu(self.in_layer(x)))
 
 
+class ModulationOut(NamedTuple):
+    """One adaLN group: x + gate * f(modulate(LayerNorm(x), shift, scale)); gate is None where the
+    group has none (a final layer, SD3's last context stream)."""
+    shift: jax.Array
+    scale: jax.Array
+    gate: jax.Array | None = None
+
+
 class Modulation(nnx.Module):
-    """SiLU -> Linear(dim, n * dim); returns the n chunks of width dim in stored order.
+    """SiLU -> Linear(dim, n * dim); returns the n chunks of width dim as `ModulationOut` groups of
+    (shift, scale, gate) in stored order (n = 2: one (shift, scale) group).
 
     Zero-initialised so a freshly built block starts as the identity (adaLN-Zero)."""
 
@@ -182,8 +192,9 @@ class Modulation(nnx.Module):
         """The n chunks side by side, (B, n * dim): what `Stack` computes for all layers at once."""
         return self.lin(jax.nn.silu(c))
 
-    def split(self, m):
-        return jnp.split(m, self.n, axis=-1)
+    def split(self, m) -> tuple[ModulationOut, ...]:
+        chunks = jnp.split(m, self.n, axis=-1)
+        return tuple(ModulationOut(*chunks[i:i + 3]) for i in range(0, self.n, 3))
 
 
 class FinalLayer(nnx.Module):
@@ -195,8 +206,8 @@ class FinalLayer(nnx.Module):
                              rngs=rngs)
 
     def __call__(self, x, c):
-        shift, scale = self.mod(c)
-        return self.linear(modulate(layer_norm(x), shift, scale))
+        (m,) = self.mod(c)
+        return self.linear(modulate(layer_norm(x), m.shift, m.scale))
 
 
 def timestep_embedding(t, dim: int = 256, max_period: float = 10000.0):

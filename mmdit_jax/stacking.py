@@ -15,10 +15,6 @@ from mmdit_jax.layers import Modulation
 from mmdit_jax.quant.formats import is_quantized
 from mmdit_jax.sharding import constrain
 
-# Names tagged inside blocks (see layers.py and the model files; the attention kernels tag the softmax
-# statistics they keep for backward, so saving them spares backward the q k^T matmul and exp).
-SAVEABLE = ("qkv", "attn_out", LSE_NAME, "mlp_hidden")
-
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,  # no remat: keep every residual
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block in backward

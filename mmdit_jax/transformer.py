@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mmdit_jax.dtypes import parse_dtype
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.families import detect, family_of_config, family_of_diffusers_config
 from mmdit_jax.io import orbax_io
@@ -19,19 +20,6 @@ from mmdit_jax.layers import Buffer
 from mmdit_jax.quant.formats import parse_quantize
 from mmdit_jax.quant.model import quantize_module
 from mmdit_jax.structure import Structure
-
-# float64 exists for exactness checks against float64 oracles (needs jax_enable_x64).
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
-
-
-def parse_dtype(dtype) -> type:
-    name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
-    if name not in DTYPES:
-        raise MMDiTError(f"dtype {dtype!r} not supported; use one of {sorted(DTYPES)}")
-    if name == "float64" and not jax.config.jax_enable_x64:
-        raise MMDiTError("dtype float64 needs jax_enable_x64 (jax.config.update('jax_enable_x64', True))")
-    return DTYPES[name]
-
 
 def default_dtype() -> str:
     """Sampling's dtype when none is given: bfloat16 on GPU and TPU (float32 activations there take the

@@ -26,8 +26,8 @@ from mmdit_jax.training.modes import LORA_DIR, LORA_FILE, TrainMode
 TINY = dict(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=2,
             joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=10, out_channels=16,
             pos_embed_max_size=8, qk_norm="rms_norm", dual_attention_layers=(0,))
-LORA = LoraTrainConfig(enabled=True, rank=3, alpha=5.0, targets="attn_mlp", base_dtype="float32",
-                       base_quantize="int8")
+LORA = LoraTrainConfig(enabled=True, adapter=L.LoraConfig(rank=3, alpha=5.0, targets="attn_mlp"),
+                       base_dtype="float32", base_quantize="int8")
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The toy demo (issue 9) end to end through the CLI: `mmdit-train --config=toy` writes its base pipeline,
+"""The toy demo end to end through the CLI: `mmdit-train --config=toy` writes its base pipeline,
 trains, evaluates the workdir through mj.Pipeline, and a rerun of a finished run only re-evaluates.
 A few steps only: this checks the plumbing, benchmarks/RESULTS.md "Toy demo" has the real scores."""
 import json

@@ -150,11 +150,12 @@ def _sample():
     import mmdit_jax as mj
     from mmdit_jax.errors import MMDiTError
     from mmdit_jax.sampling.images import save_png
+    from mmdit_jax.sharding import MESH_AXES
 
     settings = _settings()
     print(f"loading {settings['model']}", flush=True)
     loras = [_parse_lora(x) for x in FLAGS.lora]  # checked before the model loads
-    mesh = {a: getattr(FLAGS, f"mesh_{a}") for a in ("data", "fsdp", "tensor", "sequence")
+    mesh = {a: getattr(FLAGS, f"mesh_{a}") for a in MESH_AXES
             if getattr(FLAGS, f"mesh_{a}") is not None}
     pipe = mj.Pipeline.from_pretrained(FLAGS.model, dtype=settings["dtype"], mesh=mesh or None,
                                        quantize=FLAGS.quantize)

@@ -112,7 +112,7 @@ def write_orbax(found: Found, out: str, dtype: str, progress: Progress | None = 
 def convert(src, out, dtype: str = "float32", tokenizers: str | None = None,
             progress: Progress | None = None) -> dict:
     """`src` (any source form) -> Orbax folder `out` at `dtype` ("float32" / "bfloat16")."""
-    from mmdit_jax.transformer import parse_dtype
+    from mmdit_jax.dtypes import parse_dtype
 
     parse_dtype(dtype)
     if os.path.exists(out):  # before reading anything

@@ -60,21 +60,21 @@ class DoubleBlock(nnx.Module):
 
     def __call__(self, carry, mods, cos, sin):
         txt, img = (constrain(t, TOKENS) for t in carry)
-        # chunks: shift, scale, gate (attention), then shift, scale, gate (MLP)
-        im = self.img_mod.split(mods[0])
-        tm = self.txt_mod.split(mods[1])
-        qi, ki, vi = self.img_attn.qkv_heads(modulate(layer_norm(img), im[0], im[1]))
-        qt, kt, vt = self.txt_attn.qkv_heads(modulate(layer_norm(txt), tm[0], tm[1]))
+        # each stream: an attention group, then an MLP group
+        img_attn, img_mlp = self.img_mod.split(mods[0])
+        txt_attn, txt_mlp = self.txt_mod.split(mods[1])
+        qi, ki, vi = self.img_attn.qkv_heads(modulate(layer_norm(img), img_attn.shift, img_attn.scale))
+        qt, kt, vt = self.txt_attn.qkv_heads(modulate(layer_norm(txt), txt_attn.shift, txt_attn.scale))
         q = apply_rope(jnp.concatenate([qt, qi], 1), cos, sin)
         k = apply_rope(jnp.concatenate([kt, ki], 1), cos, sin)
         out = checkpoint_name(attention(q, k, jnp.concatenate([vt, vi], 1)), "attn_out")
         n_txt = txt.shape[1]
         out_t, out_i = merge_heads(out[:, :n_txt]), merge_heads(out[:, n_txt:])
 
-        img = img + im[2][:, None] * self.img_attn.proj(out_i)
-        img = img + im[5][:, None] * self.img_mlp(modulate(layer_norm(img), im[3], im[4]))
-        txt = txt + tm[2][:, None] * self.txt_attn.proj(out_t)
-        txt = txt + tm[5][:, None] * self.txt_mlp(modulate(layer_norm(txt), tm[3], tm[4]))
+        img = img + img_attn.gate[:, None] * self.img_attn.proj(out_i)
+        img = img + img_mlp.gate[:, None] * self.img_mlp(modulate(layer_norm(img), img_mlp.shift, img_mlp.scale))
+        txt = txt + txt_attn.gate[:, None] * self.txt_attn.proj(out_t)
+        txt = txt + txt_mlp.gate[:, None] * self.txt_mlp(modulate(layer_norm(txt), txt_mlp.shift, txt_mlp.scale))
         return constrain(txt, TOKENS), constrain(img, TOKENS)
 
 
@@ -101,14 +101,14 @@ class SingleBlock(nnx.Module):
 
     def __call__(self, x, mods, cos, sin):
         x = constrain(x, TOKENS)
-        shift, scale, gate = self.modulation.split(mods)
-        h = self.linear1(modulate(layer_norm(x), shift, scale))  # (B, L, 3 + m, d)
+        (m,) = self.modulation.split(mods)
+        h = self.linear1(modulate(layer_norm(x), m.shift, m.scale))  # (B, L, 3 + m, d)
         qkv, mlp = checkpoint_name(h[..., :3, :], "qkv"), h[..., 3:, :]
         q, k, v = (split_heads(qkv[..., i, :], self.heads) for i in range(3))
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         attn = checkpoint_name(attention(q, k, v), "attn_out")
         mlp = checkpoint_name(gelu_tanh(mlp), "mlp_hidden")
-        out = x + gate[:, None] * self.linear2(jnp.concatenate([merge_heads(attn)[..., None, :], mlp], axis=-2))
+        out = x + m.gate[:, None] * self.linear2(jnp.concatenate([merge_heads(attn)[..., None, :], mlp], axis=-2))
         return constrain(out, TOKENS)
 
 

@@ -19,7 +19,8 @@ from mmdit_jax.errors import MMDiTError
 from mmdit_jax.flux.rope import apply_rope
 from mmdit_jax.flux2.config import Flux2Config
 from mmdit_jax.flux2.rope import position_ids, rope_tables
-from mmdit_jax.layers import Linear, RMSNorm, layer_norm, merge_heads, modulate, split_heads, timestep_embedding
+from mmdit_jax.layers import (Linear, ModulationOut, RMSNorm, layer_norm, merge_heads, modulate, split_heads,
+                              timestep_embedding)
 from mmdit_jax.sharding import TOKENS, constrain
 from mmdit_jax.stacking import Stack
 
@@ -50,9 +51,10 @@ class SharedModulation(nnx.Module):
         return self.lin(jax.nn.silu(vec))
 
 
-def chunks(mod, n: int):
-    """The n equal chunks of a modulation vector, each (B, dim)."""
-    return jnp.split(mod, n, axis=-1)
+def groups(mod, sets: int) -> tuple[ModulationOut, ...]:
+    """The `sets` (shift, scale, gate) groups of a modulation vector, each part (B, dim)."""
+    parts = jnp.split(mod, 3 * sets, axis=-1)
+    return tuple(ModulationOut(*parts[i:i + 3]) for i in range(0, 3 * sets, 3))
 
 
 def swiglu(h, axis: int):
@@ -104,20 +106,21 @@ class DoubleBlock(nnx.Module):
 
     def __call__(self, carry, mods, cos, sin):
         txt, img = (constrain(t, TOKENS) for t in carry)
-        # per stream: shift, scale, gate (attention), then shift, scale, gate (MLP)
-        im, tm = chunks(mods[0], 6), chunks(mods[1], 6)
-        qi, ki, vi = self.img_attn.qkv_heads(modulate(layer_norm(img), im[0], im[1]))
-        qt, kt, vt = self.txt_attn.qkv_heads(modulate(layer_norm(txt), tm[0], tm[1]))
+        # per stream: the attention's group, then the MLP's
+        img_attn, img_mlp = groups(mods[0], 2)
+        txt_attn, txt_mlp = groups(mods[1], 2)
+        qi, ki, vi = self.img_attn.qkv_heads(modulate(layer_norm(img), img_attn.shift, img_attn.scale))
+        qt, kt, vt = self.txt_attn.qkv_heads(modulate(layer_norm(txt), txt_attn.shift, txt_attn.scale))
         q = apply_rope(jnp.concatenate([qt, qi], 1), cos, sin)
         k = apply_rope(jnp.concatenate([kt, ki], 1), cos, sin)
         out = checkpoint_name(attention(q, k, jnp.concatenate([vt, vi], 1)), "attn_out")
         n_txt = txt.shape[1]
         out_t, out_i = merge_heads(out[:, :n_txt]), merge_heads(out[:, n_txt:])
 
-        img = img + im[2][:, None] * self.img_attn.proj(out_i)
-        img = img + im[5][:, None] * self.img_mlp(modulate(layer_norm(img), im[3], im[4]))
-        txt = txt + tm[2][:, None] * self.txt_attn.proj(out_t)
-        txt = txt + tm[5][:, None] * self.txt_mlp(modulate(layer_norm(txt), tm[3], tm[4]))
+        img = img + img_attn.gate[:, None] * self.img_attn.proj(out_i)
+        img = img + img_mlp.gate[:, None] * self.img_mlp(modulate(layer_norm(img), img_mlp.shift, img_mlp.scale))
+        txt = txt + txt_attn.gate[:, None] * self.txt_attn.proj(out_t)
+        txt = txt + txt_mlp.gate[:, None] * self.txt_mlp(modulate(layer_norm(txt), txt_mlp.shift, txt_mlp.scale))
         return constrain(txt, TOKENS), constrain(img, TOKENS)
 
 
@@ -138,15 +141,15 @@ class SingleBlock(nnx.Module):
 
     def __call__(self, x, mods, cos, sin):
         x = constrain(x, TOKENS)
-        shift, scale, gate = chunks(mods, 3)
-        h = self.linear1(modulate(layer_norm(x), shift, scale))  # (B, L, 3 + 2m, d)
+        (m,) = groups(mods, 1)
+        h = self.linear1(modulate(layer_norm(x), m.shift, m.scale))  # (B, L, 3 + 2m, d)
         qkv, mlp = checkpoint_name(h[..., :3, :], "qkv"), h[..., 3:, :]
         q, k, v = (split_heads(qkv[..., i, :], self.heads) for i in range(3))
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         attn = checkpoint_name(attention(q, k, v), "attn_out")
         mlp = checkpoint_name(swiglu(mlp.reshape(mlp.shape[:-2] + (2, self.m, mlp.shape[-1])), -3),
                               "mlp_hidden")
-        out = x + gate[:, None] * self.linear2(jnp.concatenate([merge_heads(attn)[..., None, :], mlp], axis=-2))
+        out = x + m.gate[:, None] * self.linear2(jnp.concatenate([merge_heads(attn)[..., None, :], mlp], axis=-2))
         return constrain(out, TOKENS)
 
 
@@ -159,7 +162,7 @@ class FinalLayer(nnx.Module):
         self.linear = Linear(dim, out, axes=("embed", "out"), **kw)
 
     def __call__(self, x, vec):
-        shift, scale = chunks(self.mod(jax.nn.silu(vec)), 2)
+        shift, scale = jnp.split(self.mod(jax.nn.silu(vec)), 2, axis=-1)
         return self.linear(modulate(layer_norm(x), shift, scale))
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.text.decoder_weights import load_decoder
 from mmdit_jax.text.encoders import check_length, prompt_list
-from mmdit_jax.transformer import parse_dtype
+from mmdit_jax.dtypes import parse_dtype
 
 KLEIN_LAYERS = (9, 18, 27)
 DEV_LAYERS = (10, 20, 30)

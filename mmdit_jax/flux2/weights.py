@@ -6,7 +6,7 @@ Linear has a bias, so every rule is a kernel (or a norm scale).
 from __future__ import annotations
 
 from mmdit_jax.flux2.config import Flux2Config
-from mmdit_jax.io.rules import Entry, rule
+from mmdit_jax.io.rules import Entry, rule, tree_path
 
 
 def kernel(path, diffusers, original, **kw):
@@ -69,13 +69,10 @@ def top_rules(cfg: Flux2Config):
     return r
 
 
-def _path(s: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in s.strip(".").split("."))
-
 
 def plan(cfg: Flux2Config) -> list[Entry]:
     """Every internal parameter of `Flux2(cfg)` with its external keys."""
-    entries = [Entry(_path(r.path), r) for r in top_rules(cfg)]
+    entries = [Entry(tree_path(r.path), r) for r in top_rules(cfg)]
     stacks = [("double_blocks", double_block_rules, cfg.depth, "transformer_blocks", "double_blocks"),
               ("single_blocks", single_block_rules, cfg.depth_single, "single_transformer_blocks",
                "single_blocks")]
@@ -84,7 +81,7 @@ def plan(cfg: Flux2Config) -> list[Entry]:
             continue
         prefixes = {"diffusers": tuple(f"{d_prefix}.{i}." for i in range(n)),
                     "original": tuple(f"{o_prefix}.{i}." for i in range(n))}
-        entries += [Entry((name, "blocks") + _path(r.path), r, prefixes) for r in rules_of(cfg)]
+        entries += [Entry((name, "blocks") + tree_path(r.path), r, prefixes) for r in rules_of(cfg)]
     return entries
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.io.rules import tree_path
 from mmdit_jax.layers import Linear
 from mmdit_jax.lora.adapter import LoRA
 
@@ -63,10 +64,6 @@ class LoraLinear(Linear):
         b = b.reshape(b.shape[:1] + k[self.n_in:])
         d = jnp.tensordot(jnp.tensordot(h, a, axes=self.n_in) * self.lora_scale[...].astype(a.dtype), b, axes=1)
         return y + d.astype(y.dtype)
-
-
-def _path(key: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in key.split("."))
 
 
 def _get(tree, path):
@@ -155,7 +152,7 @@ def merge(params, loras: LoRA | Sequence[LoRA], scales=None):
     loras, scales = _check(loras, scales)
     out = dict(params)
     for key in _keys(loras):
-        node = _copy_path(out, _path(key))
+        node = _copy_path(out, tree_path(key))
         kernel = node["kernel"]
         matrix = _matrix_shape(loras, key, kernel.shape)
         a, b, c = factors(loras, scales, key, matrix)
@@ -181,7 +178,7 @@ def _structure(config, dtype, spec, rate, quantize=None):
 
     module = abstract_module(config, dtype, quantize)
     for key, rank, adapter_dtype, with_key in spec:
-        path = _path(key)
+        path = tree_path(key)
         parent = module
         for p in path[:-1]:
             parent = parent[p] if isinstance(p, int) else getattr(parent, p)
@@ -220,7 +217,7 @@ def apply_lora(model, params, loras: LoRA | Sequence[LoRA], latents, sigma, cont
     aug = dict(params)
     spec = []
     for i, key in enumerate(keys):
-        node = _copy_path(aug, _path(key))
+        node = _copy_path(aug, tree_path(key))
         matrix = _matrix_shape(loras, key, node["kernel"].shape)
         a, b, c = factors(loras, scales, key, matrix)
         node.update(lora_a=a, lora_b=b, lora_scale=c)

@@ -182,7 +182,7 @@ def _fuse_shared_a(weights, parts):
 
 def load_lora(path, model, dtype="float32") -> LoRA:
     """A LoRA .safetensors file (any layout above) for `model` (a Transformer or its config)."""
-    from mmdit_jax.transformer import parse_dtype
+    from mmdit_jax.dtypes import parse_dtype
 
     f = TensorFile(str(path))
     return read_lora(f, model, f.metadata, origin=str(path), dtype=parse_dtype(dtype))

@@ -16,7 +16,6 @@ from mmdit_jax.errors import MMDiTError
 from mmdit_jax.families import family_of_config
 from mmdit_jax.io.rules import kind_of
 
-CATEGORIES = ("attn", "mlp", "mod", "embed")
 # FLUX.2: single blocks fuse q, k, v and the MLP input in attn.to_qkv_mlp_proj (counted as attention, as
 # q, k and v are FLUX.1's) and the outputs in attn.to_out; feed-forwards are ff.linear_in / linear_out;
 # the modulations are shared by all blocks, outside them

@@ -20,7 +20,7 @@ from mmdit_jax.io.component import ComponentWeights
 from mmdit_jax.io.sources import open_component
 from mmdit_jax.text.decoder import DecoderConfig, DecoderLM
 from mmdit_jax.text.weights import LAYOUT, KeyView, Loaded, _loaded, _plan, _rule, _structure
-from mmdit_jax.transformer import parse_dtype
+from mmdit_jax.dtypes import parse_dtype
 
 # where the language model's tensors sit, by saving class and transformers version
 PREFIXES = ("model.language_model.", "language_model.model.", "model.", "")

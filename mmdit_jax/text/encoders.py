@@ -12,8 +12,8 @@ import numpy as np
 
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.io.sources import read_json
+from mmdit_jax.dtypes import parse_dtype
 from mmdit_jax.text.tokenizers import load_tokenizer
-from mmdit_jax.transformer import parse_dtype
 
 
 def pipeline_component(index: dict, name: str) -> str | None:

@@ -13,7 +13,7 @@ from mmdit_jax.errors import MMDiTError
 from mmdit_jax.families import family_of_diffusers_config, preset
 from mmdit_jax.io.files import write_json
 from mmdit_jax.progress import duration
-from mmdit_jax.sharding import make_mesh, under_mesh
+from mmdit_jax.sharding import MESH_AXES, make_mesh, under_mesh
 from mmdit_jax.training import config as C
 from mmdit_jax.training.checkpoints import Checkpointer, Preemption
 from mmdit_jax.training.data import make_data
@@ -46,7 +46,7 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
     workdir = os.path.abspath(workdir)
     lead = jax.process_index() == 0
     try:
-        mesh = make_mesh({a: getattr(cfg.mesh, a) for a in ("data", "fsdp", "tensor", "sequence")})
+        mesh = make_mesh({a: getattr(cfg.mesh, a) for a in MESH_AXES})
     except ValueError as e:
         raise MMDiTError(f"--mesh_*: {e}") from None
     batch_sh = batch_sharding(mesh)
@@ -108,7 +108,7 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
     data_start_all = per_process(data_start)  # the meta stores every process's own data stream
     if lead:
         prepare_workdir(workdir, net_cfg, encoders, use_ema,
-                        base_transformer=cfg.model.pretrained if mode.kind == "lora" else None)
+                        base_transformer=mode.base_transformer)
         write_json(os.path.join(workdir, "train_config.json"), C.to_dict(cfg))
     null_text = getattr(data, "null_text", None)
     null_text = None if null_text is None else tuple(jnp.asarray(x) for x in null_text)

@@ -54,7 +54,7 @@ def plan(cfg, net_cfg, teacher_cfg=None, *, compile_step: bool = True) -> dict:
 
     Rows: params, optimizer (moments, counters, key), ema, frozen, batch (exact); with compile_step
     also temporaries, outputs (not aliased to a donated input) and compile_s, from XLA."""
-    from mmdit_jax.sharding import make_mesh
+    from mmdit_jax.sharding import MESH_AXES, make_mesh
     from mmdit_jax.training.modes import TrainMode
     from mmdit_jax.training.optim import make_optimizer
     from mmdit_jax.training.state import create_state
@@ -62,7 +62,7 @@ def plan(cfg, net_cfg, teacher_cfg=None, *, compile_step: bool = True) -> dict:
     from mmdit_jax.transformer import Transformer
 
     try:
-        mesh = make_mesh({a: getattr(cfg.mesh, a) for a in ("data", "fsdp", "tensor", "sequence")})
+        mesh = make_mesh({a: getattr(cfg.mesh, a) for a in MESH_AXES})
     except ValueError as e:
         raise MMDiTError(f"--mesh_*: {e}") from None
     mode = TrainMode(cfg, net_cfg, teacher_cfg)

@@ -26,7 +26,7 @@ from mmdit_jax.vae.pixel import CLASS_NAME as PIXEL_CLASS
 from mmdit_jax.vae.pixel import PixelSpaceConfig, PixelSpaceVAE
 from mmdit_jax.vae.shapes import check_nhwc
 from mmdit_jax.structure import Structure
-from mmdit_jax.transformer import parse_dtype
+from mmdit_jax.dtypes import parse_dtype
 
 
 def _build(cfg, dtype, seed=0):

@@ -20,7 +20,7 @@ from mmdit_jax.errors import MMDiTError
 from mmdit_jax.io.component import ComponentWeights
 from mmdit_jax.io.sources import open_component, open_tensors, read_json
 from mmdit_jax.structure import Structure
-from mmdit_jax.transformer import parse_dtype
+from mmdit_jax.dtypes import parse_dtype
 from mmdit_jax.vae import flux2_weights, tiling
 from mmdit_jax.vae.flux2_config import CLASS_NAME, Flux2VAEConfig
 from mmdit_jax.vae.flux2_model import AutoencoderKLFlux2

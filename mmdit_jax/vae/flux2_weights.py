@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from mmdit_jax.errors import MMDiTError
-from mmdit_jax.io.rules import Entry, rule
+from mmdit_jax.io.rules import Entry, rule, tree_path
 from mmdit_jax.io.sources import PrefixView
 from mmdit_jax.vae import weights
 from mmdit_jax.vae.flux2_config import Flux2VAEConfig
@@ -21,9 +21,6 @@ from mmdit_jax.vae.flux2_config import Flux2VAEConfig
 BN_KEYS = ("bn.running_mean", "bn.running_var")
 BN_COUNTER = "bn.num_batches_tracked"  # training bookkeeping of torch's BatchNorm2d; no effect in eval
 
-
-def _path(s: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in s.split("."))
 
 
 def _shape(tensors, k) -> tuple:
@@ -49,7 +46,7 @@ def rules_for(cfg: Flux2VAEConfig):
 
 def plan(cfg: Flux2VAEConfig) -> list[Entry]:
     """Every internal parameter of `AutoencoderKLFlux2(cfg)` with its diffusers and BFL keys."""
-    return [Entry(_path(r.path), r) for r in rules_for(cfg)]
+    return [Entry(tree_path(r.path), r) for r in rules_for(cfg)]
 
 
 class VAETensors(PrefixView):
