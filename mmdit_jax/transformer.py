@@ -63,7 +63,7 @@ class Transformer:
         self.dtype = parse_dtype(dtype)
         self._structure = Structure(abstract_module(config, self.dtype))
         self.params = params
-        self._jitted = jax.jit(self.apply, static_argnames=("remat", "skip_layers"))
+        self._jitted = jax.jit(self.apply, static_argnames=("remat", "skip_layers", "controlnet_blocks_repeat"))
 
     @classmethod
     def init(cls, config, seed: int = 0, dtype="float32"):
@@ -77,19 +77,20 @@ class Transformer:
         return self._structure.module(params)
 
     def apply(self, params, latents, sigma, context, pooled, guidance=None, *, remat: str = "none",
-              skip_layers: tuple[int, ...] = ()):
-        """`skip_layers` (SD3 family only): blocks bypassed, as diffusers' skip-layer guidance does."""
+              skip_layers: tuple[int, ...] = (), **control):
+        """`skip_layers` (SD3 family only): blocks bypassed, as diffusers' skip-layer guidance does.
+        `control`: ControlNet residuals as the family's model names them (`controlnet_block_samples`, ...)."""
         kw = {}
         if skip_layers:
             if self.config.family != "sd3":
                 raise MMDiTError(f"skip_layers is supported for SD3-family models, not {self.config.family}")
             kw["skip_layers"] = tuple(int(i) for i in skip_layers)
-        return self.module(params)(latents, sigma, context, pooled, guidance, remat=remat, **kw)
+        return self.module(params)(latents, sigma, context, pooled, guidance, remat=remat, **kw, **control)
 
     def __call__(self, latents, sigma, context, pooled, guidance=None, *, remat: str = "none",
-                 skip_layers: tuple[int, ...] = ()):
+                 skip_layers: tuple[int, ...] = (), **control):
         return self._jitted(self.params, latents, sigma, context, pooled, guidance, remat=remat,
-                            skip_layers=tuple(skip_layers))
+                            skip_layers=tuple(skip_layers), **control)
 
     def trainable_mask(self):
         """Pytree of bools over `params`: False for buffers (never updated by an optimizer)."""
