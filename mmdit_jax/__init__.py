@@ -14,7 +14,6 @@ from mmdit_jax import lora  # mj.lora: adapters, merge, LoRA files
 
 __version__ = "0.1.0"
 
-__all__ = ["ControlNet", "FluxConfig", "MMDiTConfig", "MMDiTError", "Pipeline", "Transformer", "VAE", "VAEConfig", "attention",
-           "attention_backend", "count_params", "load_text_encoders", "lora", "load_controlnet", "load_transformer", "load_vae",
-           "save_transformer",
-           "preset"]
+__all__ = ["ControlNet", "FluxConfig", "MMDiTConfig", "MMDiTError", "Pipeline", "Transformer", "VAE", "VAEConfig",
+           "attention", "attention_backend", "controlnet", "count_params", "load_controlnet", "load_text_encoders",
+           "load_transformer", "load_vae", "lora", "preset", "save_transformer"]
