@@ -34,11 +34,15 @@ def x_block_rules():
             *linear("x_block.mlp.fc2", "ff.net.2", "mlp.fc2")]
 
 
+def _linear_both(path, name):
+    return [_both(f"{path}.kernel", f"{name}.weight"), _both(f"{path}.bias", f"{name}.bias", "vector")]
+
+
 def top_rules(cfg: SD3ControlNetConfig):
-    r = [*(_same_in_both(x) for x in linear("t_embedder.in_layer", TIME_TEXT + "timestep_embedder.linear_1", "-")),
-         *(_same_in_both(x) for x in linear("t_embedder.out_layer", TIME_TEXT + "timestep_embedder.linear_2", "-")),
-         *(_same_in_both(x) for x in linear("y_embedder.in_layer", TIME_TEXT + "text_embedder.linear_1", "-")),
-         *(_same_in_both(x) for x in linear("y_embedder.out_layer", TIME_TEXT + "text_embedder.linear_2", "-")),
+    r = [*_linear_both("t_embedder.in_layer", TIME_TEXT + "timestep_embedder.linear_1"),
+         *_linear_both("t_embedder.out_layer", TIME_TEXT + "timestep_embedder.linear_2"),
+         *_linear_both("y_embedder.in_layer", TIME_TEXT + "text_embedder.linear_1"),
+         *_linear_both("y_embedder.out_layer", TIME_TEXT + "text_embedder.linear_2"),
          _both("control_embedder.kernel", "pos_embed_input.proj.weight", "patch"),
          _both("control_embedder.bias", "pos_embed_input.proj.bias", "vector")]
     if cfg.use_pos_embed:
@@ -47,8 +51,7 @@ def top_rules(cfg: SD3ControlNetConfig):
         if cfg.pos_table:
             r.append(_both("pos_embed", "pos_embed.pos_embed", "table"))
     if cfg.joint:
-        r += [_both("context_embedder.kernel", "context_embedder.weight"),
-              _both("context_embedder.bias", "context_embedder.bias", "vector")]
+        r += _linear_both("context_embedder", "context_embedder")
     return r
 
 
