@@ -87,6 +87,21 @@ class OriginalFiles:
 
 
 @dataclasses.dataclass(frozen=True)
+class ControlNetKind:
+    """The family's ControlNets (mmdit_jax/controlnet.py runs them)."""
+    family: str  # the base family its nets steer
+    diffusers_class: str  # config.json `_class_name`
+    config_class: type
+    config_from_weights: Callable  # (shapes, layout, origin) -> config (a single file carries none)
+    build: Callable  # (config, *, param_dtype, rngs) -> nnx.Module
+    plan: Callable  # config -> list[rules.Entry]
+    detect_layout: Callable  # keys -> "diffusers" | "original" | None
+    # (net module, base module or None, latents, sigma, context, pooled, control, scale, guidance,
+    #  control_mode, remat) -> the base model's residual keyword arguments
+    residuals: Callable
+
+
+@dataclasses.dataclass(frozen=True)
 class Family:
     name: str
     diffusers_class: str  # the transformer's config.json `_class_name`
@@ -109,6 +124,7 @@ class Family:
     # (component name, to) -> a note on exports of guidance-distilled models the reference code cannot
     # read; None: it can
     distilled_export_note: Callable | None = None
+    controlnet: ControlNetKind | None = None  # None: the family has no ControlNets
 
 
 @functools.cache

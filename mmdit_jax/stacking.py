@@ -43,7 +43,7 @@ class Stack(nnx.Module):
 
         self.blocks = create(rngs)
 
-    def __call__(self, carry, *args, cond=None, remat: str = "none", skip=None):
+    def __call__(self, carry, *args, cond=None, remat: str = "none", skip=None, after=None):
         """carry = block(carry, *args) for each block in order; `args` are shared by all blocks.
 
         `cond` (optional): the conditioning vector of adaLN blocks. Each block's `modulations(cond)` is
@@ -53,7 +53,11 @@ class Stack(nnx.Module):
         stack at every step and their gradients written back into a zeroed stack.
 
         `skip` (n,) bools, optional: blocks where it is True pass the carry through unchanged
-        (skip-layer guidance); a `lax.cond`, so skipped blocks cost nothing."""
+        (skip-layer guidance); a `lax.cond`, so skipped blocks cost nothing.
+
+        `after` (fn, xs), optional: after block i, skipped or not, carry, y_i = fn(carry, xs_i), with xs
+        (a pytree, leading axis n, may be None) scanned along the blocks; the call then returns
+        (carry, ys). ControlNets collect their blocks' outputs this way and the base adds their residuals."""
         if cond is None:
             graphdef, state = nnx.split(self.blocks)
 
@@ -93,9 +97,18 @@ class Stack(nnx.Module):
                 return jax.lax.cond(skip_this, lambda c_, _: c_, run, c, xs), None
             state = (state, jax.numpy.asarray(skip, bool))
 
+        if after is not None:
+            add, after_xs = after
+            inner = body
+
+            def body(c, xs):
+                xs, x_after = xs
+                return add(inner(c, xs)[0], x_after)
+            state = (state, after_xs)
+
         if remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {remat!r}; expected one of {sorted(REMAT_POLICIES)}")
         if remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-        carry, _ = jax.lax.scan(body, carry, state)
-        return carry
+        carry, ys = jax.lax.scan(body, carry, state)
+        return carry if after is None else (carry, ys)

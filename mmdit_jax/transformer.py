@@ -60,7 +60,7 @@ class Transformer:
         self.quantize = parse_quantize(quantize)
         self._structure = Structure(abstract_module(config, self.dtype, self.quantize))
         self.params = params
-        self._jitted = jax.jit(self.apply, static_argnames=("remat", "skip_layers"))
+        self._jitted = jax.jit(self.apply, static_argnames=("remat", "skip_layers", "controlnet_blocks_repeat"))
 
     @classmethod
     def init(cls, config, seed: int = 0, dtype="float32"):
@@ -74,24 +74,25 @@ class Transformer:
         return self._structure.module(params)
 
     def apply(self, params, latents, sigma, context, pooled, guidance=None, *, remat: str = "none",
-              skip_layers: tuple[int, ...] = (), references=None):
+              skip_layers: tuple[int, ...] = (), references=None, **control):
         """`skip_layers` (SD3 family only): blocks bypassed, as diffusers' skip-layer guidance does.
-        `references` (FLUX.2 only): reference latents attended to alongside `latents`."""
+        `references` (FLUX.2 only): reference latents attended to alongside `latents`.
+        `control`: ControlNet residuals as the family's model names them (`controlnet_block_samples`, ...)."""
         kw, module = {}, self.module(params)
         if references is not None:
             if "references" not in inspect.signature(type(module).__call__).parameters:
                 raise MMDiTError(f"references are supported for FLUX.2 models, not {self.config.family}")
             kw["references"] = list(references)
         if skip_layers:
-            if not self.family.sampling.skip_layer_guidance:
+            if self.family.sampling is None or not self.family.sampling.skip_layer_guidance:
                 raise MMDiTError(f"skip_layers is supported for SD3-family models, not {self.config.family}")
             kw["skip_layers"] = tuple(int(i) for i in skip_layers)
-        return module(latents, sigma, context, pooled, guidance, remat=remat, **kw)
+        return module(latents, sigma, context, pooled, guidance, remat=remat, **kw, **control)
 
     def __call__(self, latents, sigma, context, pooled, guidance=None, *, remat: str = "none",
-                 skip_layers: tuple[int, ...] = (), references=None):
+                 skip_layers: tuple[int, ...] = (), references=None, **control):
         return self._jitted(self.params, latents, sigma, context, pooled, guidance, remat=remat,
-                            skip_layers=tuple(skip_layers), references=references)
+                            skip_layers=tuple(skip_layers), references=references, **control)
 
     def trainable_mask(self):
         """Pytree of bools over `params`: False for buffers (never updated by an optimizer)."""

@@ -1,6 +1,7 @@
 """FLUX.1 as a `Family`: everything the rest of the package asks about this family."""
 from mmdit_jax.families import Family, OriginalFiles, Pipelines, SamplingDefaults, TextEncoders, VAEKind
 from mmdit_jax.flux import weights
+from mmdit_jax.flux.controlnet_family import FLUX_CONTROLNET
 from mmdit_jax.flux.config import PRESETS, FluxConfig
 from mmdit_jax.flux.model import Flux
 from mmdit_jax.flux.text import FluxTextEncoders
@@ -25,7 +26,8 @@ FLUX = Family(
     plan=weights.plan,
     detect_layout=weights.detect_layout,
     latent_patch=lambda config: 2,  # FLUX packs 2x2 latent pixels into a token
-    pipelines=Pipelines(text_to_image="FluxPipeline", img2img="FluxImg2ImgPipeline"),
+    pipelines=Pipelines(text_to_image="FluxPipeline", img2img="FluxImg2ImgPipeline",
+                        controlnet="FluxControlNetPipeline"),
     # FluxPipeline's defaults (default_sample_size 128 latent pixels)
     sampling=SamplingDefaults(num_inference_steps=28, guidance_scale=3.5, max_sequence_length=512,
                               sample_size=128, linspace_sigmas_with_mu=True, sigma_through_timesteps=True,
@@ -40,4 +42,5 @@ FLUX = Family(
                       identity_projection=False),
     original=OriginalFiles(transformer_file="flux.safetensors", transformer_prefix="",
                            vae_file="ae.safetensors", vae_prefix_in_transformer_file=None),
+    controlnet=FLUX_CONTROLNET,
 )

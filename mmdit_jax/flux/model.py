@@ -14,6 +14,7 @@ from jax.ad_checkpoint import checkpoint_name
 from mmdit_jax.attention import attention
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.flux.config import FluxConfig
+from mmdit_jax.flux.control_residuals import residuals_after
 from mmdit_jax.flux.rope import apply_rope, rope_tables
 from mmdit_jax.layers import (FinalLayer, Linear, MLP, MLPEmbedder, Modulation, RMSNorm, gelu_tanh,
                               layer_norm, merge_heads, modulate, split_heads, timestep_embedding)
@@ -156,7 +157,11 @@ class Flux(nnx.Module):
             raise MMDiTError(f"latents of shape {latents.shape}: H and W must be even (FLUX packs 2x2 "
                              "latent pixels into one token)")
 
-    def __call__(self, latents, sigma, context, pooled, guidance=None, *, remat: str = "none"):
+    def __call__(self, latents, sigma, context, pooled, guidance=None, *, remat: str = "none",
+                 controlnet_block_samples=None, controlnet_single_block_samples=None,
+                 controlnet_blocks_repeat: bool = False):
+        """controlnet_*_samples: ControlNet residuals, (K, B, N, D) or K arrays (B, N, D), added to the
+        image tokens after the double / single blocks as diffusers does (see flux.control_residuals)."""
         cfg = self.config
         self._check(latents, guidance)
         b, hh, ww, _ = latents.shape
@@ -174,12 +179,16 @@ class Flux(nnx.Module):
         vec = vec + self.vector_in(pooled.astype(dtype))
         cos, sin = rope_tables(txt.shape[1], hh // 2, ww // 2, cfg.axes_dim, cfg.theta)
 
+        double_after, single_after = residuals_after(cfg, controlnet_block_samples, controlnet_single_block_samples,
+                                                     controlnet_blocks_repeat, img.shape, txt.shape[1])
         if self.double_blocks is not None:
-            txt, img = self.double_blocks((txt, img), cos, sin, cond=vec, remat=remat)
+            out = self.double_blocks((txt, img), cos, sin, cond=vec, remat=remat, after=double_after)
+            txt, img = out if double_after is None else out[0]
         n_txt = txt.shape[1]
         x = constrain(jnp.concatenate([txt, img], axis=1), TOKENS)
         if self.single_blocks is not None:
-            x = self.single_blocks(x, cos, sin, cond=vec, remat=remat)
+            out = self.single_blocks(x, cos, sin, cond=vec, remat=remat, after=single_after)
+            x = out if single_after is None else out[0]
         # whole over "tensor" here too: the final layer's split adaLN would otherwise pull the scans'
         # carries apart
         img = constrain(x, TOKENS)[:, n_txt:]  # text tokens are dropped: only image tokens are predicted

@@ -1,6 +1,7 @@
 """SD3 / SD3.5 as a `Family`: everything the rest of the package asks about this family."""
 from mmdit_jax.families import Family, OriginalFiles, Pipelines, SamplingDefaults, TextEncoders, VAEKind
 from mmdit_jax.sd3 import weights
+from mmdit_jax.sd3.controlnet_family import SD3_CONTROLNET
 from mmdit_jax.sd3.config import PRESETS, MMDiTConfig
 from mmdit_jax.sd3.model import MMDiT
 from mmdit_jax.sd3.text import SD3TextEncoders
@@ -27,7 +28,8 @@ SD3 = Family(
     plan=weights.plan,
     detect_layout=weights.detect_layout,
     latent_patch=lambda config: config.patch_size,
-    pipelines=Pipelines(text_to_image="StableDiffusion3Pipeline", img2img="StableDiffusion3Img2ImgPipeline"),
+    pipelines=Pipelines(text_to_image="StableDiffusion3Pipeline", img2img="StableDiffusion3Img2ImgPipeline",
+                        controlnet="StableDiffusion3ControlNetPipeline"),
     # StableDiffusion3Pipeline's defaults; the image side is the transformer config's sample_size
     sampling=SamplingDefaults(num_inference_steps=28, guidance_scale=7.0, max_sequence_length=256,
                               sample_size=None, linspace_sigmas_with_mu=False, sigma_through_timesteps=False,
@@ -43,4 +45,5 @@ SD3 = Family(
     original=OriginalFiles(transformer_file="sd3.safetensors", transformer_prefix="model.diffusion_model.",
                            vae_file="vae.safetensors", vae_prefix_in_transformer_file="first_stage_model."),
     distilled_export_note=_distilled_export_note,
+    controlnet=SD3_CONTROLNET,
 )

@@ -16,6 +16,7 @@ from mmdit_jax.layers import (Buffer, FinalLayer, Linear, MLP, MLPEmbedder, Modu
 from mmdit_jax.sd3.config import MMDiTConfig
 from mmdit_jax.sharding import TOKENS, constrain
 from mmdit_jax.stacking import Stack
+from mmdit_jax.sd3.control_residuals import residual_after
 
 
 
@@ -148,8 +149,10 @@ class MMDiT(nnx.Module):
         return table[top:top + h, left:left + w].reshape(h * w, -1)
 
     def __call__(self, latents, sigma, context, pooled, guidance=None, *, remat: str = "none",
-                 skip_layers: tuple[int, ...] = ()):
-        """`skip_layers`: indices of joint blocks to bypass (diffusers' skip-layer guidance)."""
+                 skip_layers: tuple[int, ...] = (), controlnet_block_samples=None):
+        """`skip_layers`: indices of joint blocks to bypass (diffusers' skip-layer guidance).
+        `controlnet_block_samples`: ControlNet residuals, (K, B, N, D) or K arrays (B, N, D), added to
+        the image stream after the blocks as diffusers does (see sd3.controlnet.residual_after)."""
         cfg = self.config
         if guidance is not None and not cfg.guidance_embed:
             raise MMDiTError("this SD3-family model has no guidance embedder; pass guidance=None "
@@ -177,9 +180,12 @@ class MMDiT(nnx.Module):
         bad = [i for i in skip_layers if not 0 <= i < cfg.num_layers]
         if bad:
             raise MMDiTError(f"skip_layers {bad} outside blocks 0..{cfg.num_layers - 1}")
-        for group, (_, idx) in zip(self.groups, cfg.groups()):
+        residuals = residual_after(cfg, controlnet_block_samples, x.shape)
+        for group, (kind, idx) in zip(self.groups, cfg.groups()):
             skip = [i in skip_layers for i in idx] if skip_layers else None
-            ctx, x = group((ctx, x), cond=c, remat=remat, skip=skip)
+            after = residuals(kind, idx)
+            out = group((ctx, x), cond=c, remat=remat, skip=skip, after=after)
+            ctx, x = out if after is None else out[0]
         # whole over "tensor" here too: the final layer's split adaLN would otherwise pull the scan's
         # carry apart
         x = self.final_layer(constrain(x, TOKENS), c)
