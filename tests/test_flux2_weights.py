@@ -143,3 +143,24 @@ def test_float8_scale_without_weight_is_an_error(setup, tmp_path):
     save_file({**bfl, "img_in.x.weight_scale": np.float32(1.0)}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(mj.MMDiTError, match="img_in.x.weight_scale"):
         mj.load_transformer(tmp_path / "bad.safetensors")
+
+
+def test_pipeline_folder_refused_by_the_sampler_in_one_line(setup, tmp_path):
+    """mj.Pipeline does not sample FLUX.2 yet: a FLUX.2 pipeline folder fails at once, naming the folder,
+    before its (large) VAE and text encoders are read."""
+    import shutil
+
+    from mmdit_jax.errors import MMDiTError
+
+    _, folder, _, _ = setup
+    pipe = tmp_path / "klein"
+    shutil.copytree(folder, pipe / "transformer")
+    (pipe / "model_index.json").write_text(json.dumps({
+        "_class_name": "Flux2KleinPipeline", "transformer": ["diffusers", "Flux2Transformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKLFlux2"], "text_encoder": ["transformers", "Qwen3ForCausalLM"]}))
+    (pipe / "scheduler").mkdir()
+    (pipe / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        mj.families.families()["flux2"].schedulers["flux2"]))
+    with pytest.raises(MMDiTError, match=r"klein: mj.Pipeline does not sample flux2 models yet") as e:
+        mj.Pipeline.from_pretrained(pipe)
+    assert "\n" not in str(e.value)
