@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import mmdit_jax as mj  # noqa: E402
-from mmdit_jax.convert.synthetic import checkpoint_specs, write_random_checkpoint  # noqa: E402
+from mmdit_jax.conversion.synthetic import checkpoint_specs, write_random_checkpoint  # noqa: E402
 
 
 def free_gb(path):

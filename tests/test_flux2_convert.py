@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from flux2_oracle import tiny_flux2
-from mmdit_jax.convert.export import export
-from mmdit_jax.convert.to_orbax import convert
+from mmdit_jax.conversion.export import export
+from mmdit_jax.conversion.to_orbax import convert
 from mmdit_jax.flux2 import weights
 from mmdit_jax.io import rules
 from mmdit_jax.io.safetensors_io import TensorFile, save_file

@@ -16,9 +16,9 @@ from mmdit_jax.io import rules
 from mmdit_jax.io.safetensors_io import save_file
 from mmdit_jax.vae import VAE, Flux2VAE, Flux2VAEConfig, VAEConfig, load_flux2_vae, weights
 from mmdit_jax.vae import flux2_weights
-from mmdit_jax.vae.autoencoder import _network as kl_network
-from mmdit_jax.vae.autoencoder import vae_weights
-from mmdit_jax.vae.flux2_autoencoder import _network
+from mmdit_jax.vae.loader import _network as kl_network
+from mmdit_jax.vae.loader import vae_weights
+from mmdit_jax.vae.flux2_loader import _network
 
 # 3 levels (network factor 4, latents at 1/8 after the 2x2 patch), decoder widths unlike the encoder's,
 # 6 latent channels (24 patchified: channel-order mistakes can not cancel out), small groups.
@@ -151,7 +151,7 @@ def test_f32_parity_with_diffusers_pipeline_latents(model, images, latents):
 def test_patchify_inverts_and_matches_the_pipelines(latents):
     import torch
     from diffusers import Flux2Pipeline
-    from mmdit_jax.vae.flux2_model import patchify, unpatchify
+    from mmdit_jax.vae.flux2_network import patchify, unpatchify
 
     raw = np.random.default_rng(2).standard_normal((2, 6, 10, 6)).astype(np.float32)
     ours = np.asarray(patchify(jnp.asarray(raw), (2, 2)))

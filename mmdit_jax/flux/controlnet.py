@@ -22,7 +22,7 @@ from mmdit_jax.flux.rope import rope_tables
 from mmdit_jax.layers import Linear, MLPEmbedder, param, timestep_embedding, zeros
 from mmdit_jax.sharding import TOKENS, constrain
 from mmdit_jax.stacking import Stack
-from mmdit_jax.vae.model import Conv
+from mmdit_jax.vae.network import Conv
 
 DIFFUSERS_CLASS = "FluxControlNetModel"
 HINT_CHANNELS = 16  # width of every conv in the input hint block (diffusers' block_out_channels)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from mmdit_jax.convert.pipelines import default_scheduler
+from mmdit_jax.conversion.pipelines import default_scheduler
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.families import families, family_of_config, family_of_pipeline
 from mmdit_jax.io.component import ComponentWeights
@@ -71,9 +71,9 @@ def _config_of(folder: str) -> dict | None:
 
 
 def _pipeline(path: str, dtype, tokenizers: str | None) -> Found:
-    from mmdit_jax.convert.pipelines import COMPONENTS
+    from mmdit_jax.conversion.pipelines import COMPONENTS
     from mmdit_jax.transformer import transformer_weights
-    from mmdit_jax.vae import autoencoder
+    from mmdit_jax.vae import loader
 
     index = read_json(os.path.join(path, "model_index.json"))
     pipeline = str(index.get("_class_name", ""))
@@ -90,7 +90,7 @@ def _pipeline(path: str, dtype, tokenizers: str | None) -> Found:
             found.family = w.config.family
             found.jobs.append(Job(name, "transformer", w, _config_of(w.origin) or w.config.to_diffusers(), cls))
         elif name == "vae":
-            w = autoencoder.vae_weights(path, dtype)
+            w = loader.vae_weights(path, dtype)
             found.jobs.append(Job(name, "vae", w, _config_of(w.origin) or w.config.to_diffusers(), cls))
         elif name.startswith("text_encoder"):
             found.jobs.append(_text_job(name, cls, path, dtype, name))
@@ -108,7 +108,7 @@ def _pipeline(path: str, dtype, tokenizers: str | None) -> Found:
 
 def _component(path: str, dtype) -> Found:
     from mmdit_jax.transformer import transformer_weights
-    from mmdit_jax.vae import autoencoder
+    from mmdit_jax.vae import loader
 
     cfg = read_json(os.path.join(path, "config.json"))
     cls = cfg.get("_class_name")
@@ -119,7 +119,7 @@ def _component(path: str, dtype) -> Found:
         job = Job("transformer", "transformer", w, cfg, cls)
         return Found(path, [job], family_of_config(w.config).pipelines.for_config(w.config), w.config.family)
     if cls == "AutoencoderKL":
-        w = autoencoder.vae_weights(path, dtype)
+        w = loader.vae_weights(path, dtype)
         return Found(path, [Job("vae", "vae", w, cfg, cls)], None)
     if arch or cfg.get("model_type") in ("clip_text_model", "t5"):
         name = arch or ("T5EncoderModel" if cfg.get("model_type") == "t5" else "CLIPTextModel")
@@ -132,7 +132,7 @@ def _single_file(path: str, dtype, tokenizers: str | None) -> Found:
     from mmdit_jax.families import detect
     from mmdit_jax.text.weights import BUNDLES, clip_config_to_json, clip_weights, t5_config_to_json, t5_weights
     from mmdit_jax.transformer import transformer_weights
-    from mmdit_jax.vae import autoencoder
+    from mmdit_jax.vae import loader
     from mmdit_jax.vae.weights import detect_single_file
 
     tensors = open_tensors(path)
@@ -150,7 +150,7 @@ def _single_file(path: str, dtype, tokenizers: str | None) -> Found:
 
     if not has_transformer:
         if has_vae and not bundles:
-            w = autoencoder.vae_weights(path, dtype)
+            w = loader.vae_weights(path, dtype)
             return Found(path, [Job("vae", "vae", w, w.config.to_diffusers(), "AutoencoderKL")], None)
         if not has_vae and not bundles:
             for kind, fn, to_json, cls in (("clip", clip_weights, clip_config_to_json, None),
@@ -170,7 +170,7 @@ def _single_file(path: str, dtype, tokenizers: str | None) -> Found:
     found = Found(path, [Job("transformer", "transformer", t, t.config.to_diffusers(), fam.diffusers_class)],
                   fam.pipelines.for_config(t.config), fam.name)
     if has_vae:
-        v = autoencoder.vae_weights(path, dtype, family=fam.name)
+        v = loader.vae_weights(path, dtype, family=fam.name)
         found.jobs.append(Job("vae", "vae", v, v.config.to_diffusers(), "AutoencoderKL"))
     for bundle in bundles:
         name = fam.text.bundled_folders.get(bundle)
@@ -198,7 +198,7 @@ def _single_file(path: str, dtype, tokenizers: str | None) -> Found:
 
 def _add_tokenizers(found: Found, folder: str) -> None:
     """Copy tokenizer*/ of another pipeline folder for the text encoders this source has."""
-    from mmdit_jax.convert.pipelines import COMPONENTS
+    from mmdit_jax.conversion.pipelines import COMPONENTS
 
     have = {j.name for j in found.jobs}
     index = read_json(os.path.join(folder, "model_index.json")) \

@@ -19,9 +19,9 @@ from mmdit_jax.errors import MMDiTError
 from mmdit_jax.families import family_of_vae_prefix
 from mmdit_jax.io.component import ComponentWeights
 from mmdit_jax.io.sources import PrefixView, open_component, read_json
-from mmdit_jax.vae import flux2_autoencoder, tiling, weights
+from mmdit_jax.vae import flux2_loader, tiling, weights
 from mmdit_jax.vae.config import VAEConfig
-from mmdit_jax.vae.model import AutoencoderKL
+from mmdit_jax.vae.network import AutoencoderKL
 from mmdit_jax.vae.pixel import CLASS_NAME as PIXEL_CLASS
 from mmdit_jax.vae.pixel import PixelSpaceConfig, PixelSpaceVAE
 from mmdit_jax.vae.shapes import check_nhwc
@@ -161,8 +161,8 @@ def pixel_space_config(path) -> PixelSpaceConfig | None:
 def vae_weights(path, dtype="float32", *, family: str | None = None,
                 config: VAEConfig | None = None) -> ComponentWeights:
     """Config, abstract params and the source of a VAE (see `load_vae`; nothing read yet)."""
-    if flux2_autoencoder.wanted(path, family):
-        return flux2_autoencoder.flux2_vae_weights(path, dtype, family=family, config=config)
+    if flux2_loader.wanted(path, family):
+        return flux2_loader.flux2_vae_weights(path, dtype, family=family, config=config)
     dtype = parse_dtype(dtype)
     src = open_component(path, "vae")
     tensors, layout, origin = src.tensors, "diffusers", src.origin
@@ -198,11 +198,11 @@ def load_vae(path, dtype="float32", *, family: str | None = None, config: VAECon
     for networks whose GroupNorm group count is not 32, which weights can not reveal).
 
     A folder whose config.json names `PixelSpaceVAE` gives that parameter-free latent map instead, and
-    FLUX.2's VAE (AutoencoderKLFlux2, or `family="flux2"`) a `Flux2VAE` (flux2_autoencoder.py)."""
+    FLUX.2's VAE (AutoencoderKLFlux2, or `family="flux2"`) a `Flux2VAE` (flux2_loader.py)."""
     pixel = pixel_space_config(path)
     if pixel is not None:  # parameter-free: no weights file to open
         return PixelSpaceVAE(pixel, {}, parse_dtype(dtype))
-    if flux2_autoencoder.wanted(path, family):
-        return flux2_autoencoder.load_flux2_vae(path, dtype, family=family, config=config)
+    if flux2_loader.wanted(path, family):
+        return flux2_loader.load_flux2_vae(path, dtype, family=family, config=config)
     w = vae_weights(path, dtype, family=family, config=config)
     return VAE(w.config, w.params(), dtype)

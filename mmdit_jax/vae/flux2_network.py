@@ -13,7 +13,7 @@ from flax import nnx
 
 from mmdit_jax.layers import Buffer
 from mmdit_jax.vae.flux2_config import Flux2VAEConfig
-from mmdit_jax.vae.model import Conv, Decoder, Encoder
+from mmdit_jax.vae.network import Conv, Decoder, Encoder
 
 
 def patchify(z, patch: tuple[int, int]):

@@ -2,7 +2,7 @@
 
 `vae.encode(images)` -> the latents FLUX.2's transformer denoises: (B, H/16, W/16, 128), the posterior
 mean patchified 2x2 and normalised with the batch-norm running statistics, exactly as diffusers'
-Flux2Pipeline / Flux2KleinPipeline build them (flux2_model.py). `vae.decode(latents)` -> images in
+Flux2Pipeline / Flux2KleinPipeline build them (flux2_network.py). `vae.decode(latents)` -> images in
 [-1, 1] up to the network's overshoot, not clipped. Images are (B, H, W, C) NHWC with H and W multiples
 of 16. Outputs are float32 whatever the parameter dtype.
 """
@@ -23,7 +23,7 @@ from mmdit_jax.structure import Structure
 from mmdit_jax.dtypes import parse_dtype
 from mmdit_jax.vae import flux2_weights, tiling
 from mmdit_jax.vae.flux2_config import CLASS_NAME, Flux2VAEConfig
-from mmdit_jax.vae.flux2_model import AutoencoderKLFlux2
+from mmdit_jax.vae.flux2_network import AutoencoderKLFlux2
 from mmdit_jax.vae.shapes import check_nhwc
 
 

@@ -18,8 +18,8 @@ import os
 import jax
 import numpy as np
 
-from mmdit_jax.convert.discover import Found, Job, discover
-from mmdit_jax.convert.pipelines import model_index
+from mmdit_jax.conversion.discover import Found, Job, discover
+from mmdit_jax.conversion.pipelines import model_index
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.families import family_named, family_of_config
 from mmdit_jax.io import orbax_io, rules

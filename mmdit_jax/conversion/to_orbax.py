@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import time
 
-from mmdit_jax.convert.discover import Found, Job, discover
-from mmdit_jax.convert.pipelines import model_index
+from mmdit_jax.conversion.discover import Found, Job, discover
+from mmdit_jax.conversion.pipelines import model_index
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.io.files import atomic_folder, copy_tree, write_json
 from mmdit_jax.io.orbax_io import ParamsWriter
