@@ -57,10 +57,10 @@ class SamplingDefaults:
 @dataclasses.dataclass(frozen=True)
 class VAEKind:
     """The family's autoencoder: its diffusers class and the released latent normalisation
-    (latent = (posterior mean - shift) * scale)."""
+    (latent = (posterior mean - shift) * scale; None where the VAE normalises with its own weights)."""
     cls: str
-    scale: float
-    shift: float
+    scale: float | None
+    shift: float | None
     # key prefixes of a VAE inside this family's single files; the family with "*" takes any other
     single_file_prefixes: tuple[str, ...]
 
@@ -171,21 +171,25 @@ def family_of_vae_prefix(prefix: str) -> Family:
 
 
 class ByFamily(Mapping):
-    """A read-only view {family name: one fact of that family}, for tables and tests."""
+    """A read-only view {family name: one fact of that family}, for tables and tests; `where` keeps the
+    families the fact applies to."""
 
-    def __init__(self, fact: Callable[[Family], object]):
-        self._fact = fact
+    def __init__(self, fact: Callable[[Family], object], where: Callable[[Family], bool] = lambda fam: True):
+        self._fact, self._where = fact, where
+
+    def _names(self) -> list[str]:
+        return [n for n, fam in families().items() if self._where(fam)]
 
     def __getitem__(self, name):
-        if name not in families():
+        if name not in self._names():
             raise KeyError(name)
         return self._fact(families()[name])
 
     def __iter__(self) -> Iterator[str]:
-        return iter(families())
+        return iter(self._names())
 
     def __len__(self) -> int:
-        return len(families())
+        return len(self._names())
 
 
 def preset(name: str):

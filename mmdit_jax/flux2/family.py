@@ -32,7 +32,7 @@ FLUX2 = Family(
     guidance_embedder="guidance_in",
     # latents are normalised by the VAE's own batch-norm statistics, not a scale and shift; its single
     # files are told apart by their keys (vae/flux2_loader.py), not by a prefix
-    vae=VAEKind(cls="AutoencoderKLFlux2", scale=1.0, shift=0.0, single_file_prefixes=()),
+    vae=VAEKind(cls="AutoencoderKLFlux2", scale=None, shift=None, single_file_prefixes=()),
     text=TextEncoders(encoders=Flux2TextEncoders, bundled_folders={}, identity_projection=False),
     original=OriginalFiles(transformer_file="flux2.safetensors", transformer_prefix="",
                            vae_file="ae.safetensors", vae_prefix_in_transformer_file=None),

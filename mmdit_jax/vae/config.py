@@ -84,16 +84,18 @@ class VAEConfig:
 
 
 # Latent normalisation of the released VAEs: latent = (posterior mean - shift) * scale (`Family.vae`).
-FAMILY_SCALE_SHIFT = ByFamily(lambda fam: (fam.vae.scale, fam.vae.shift))
+# the families whose VAE is this one (AutoencoderKL with a released scale and shift)
+FAMILY_SCALE_SHIFT = ByFamily(lambda fam: (fam.vae.scale, fam.vae.shift), where=lambda fam: fam.vae.scale is not None)
 
 
 def family_scale_shift(family: str) -> tuple[float, float]:
     if family not in FAMILY_SCALE_SHIFT:
-        raise MMDiTError(f"unknown VAE family {family!r}; known: {sorted(FAMILY_SCALE_SHIFT)}")
+        raise MMDiTError(f"no AutoencoderKL latent scale and shift for family {family!r}; known: "
+                         f"{sorted(FAMILY_SCALE_SHIFT)}")
     return FAMILY_SCALE_SHIFT[family]
 
 
-PRESETS = ByFamily(lambda fam: VAEConfig().with_family(fam.name))
+PRESETS = ByFamily(lambda fam: VAEConfig().with_family(fam.name), where=lambda fam: fam.vae.scale is not None)
 
 
 def vae_preset(name: str) -> VAEConfig:
