@@ -25,6 +25,9 @@ class Pipelines:
     # the text-to-image pipeline of models with a guidance embedder where it is another class
     # (FLUX.2: dev's Flux2Pipeline beside klein's Flux2KleinPipeline)
     guided: str | None = None
+    # what model_index.json lists for a text-to-image pipeline class: component name -> (library, class),
+    # in diffusers' order (mmdit-convert writes pipeline folders from it)
+    components: Mapping[str, Mapping[str, tuple[str, str]]] = dataclasses.field(default_factory=dict)
 
     def names(self) -> tuple[str, ...]:
         return tuple(n for n in (self.text_to_image, self.guided, self.img2img, self.controlnet)

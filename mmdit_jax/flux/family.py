@@ -16,6 +16,19 @@ SCHEDULERS = {
                      "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096},
 }
 
+# model_index.json of FluxPipeline: component -> (library, class), in diffusers' order
+COMPONENTS = {
+    "FluxPipeline": {
+        "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
+        "text_encoder": ("transformers", "CLIPTextModel"),
+        "text_encoder_2": ("transformers", "T5EncoderModel"),
+        "tokenizer": ("transformers", "CLIPTokenizer"),
+        "tokenizer_2": ("transformers", "T5TokenizerFast"),
+        "transformer": ("diffusers", "FluxTransformer2DModel"),
+        "vae": ("diffusers", "AutoencoderKL"),
+    },
+}
+
 FLUX = Family(
     name="flux",
     diffusers_class="FluxTransformer2DModel",
@@ -27,7 +40,7 @@ FLUX = Family(
     detect_layout=weights.detect_layout,
     latent_patch=lambda config: 2,  # FLUX packs 2x2 latent pixels into a token
     pipelines=Pipelines(text_to_image="FluxPipeline", img2img="FluxImg2ImgPipeline",
-                        controlnet="FluxControlNetPipeline"),
+                        controlnet="FluxControlNetPipeline", components=COMPONENTS),
     # FluxPipeline's defaults (default_sample_size 128 latent pixels)
     sampling=SamplingDefaults(num_inference_steps=28, guidance_scale=3.5, max_sequence_length=512,
                               sample_size=128, linspace_sigmas_with_mu=True, sigma_through_timesteps=True,

@@ -13,6 +13,25 @@ SCHEDULERS = {
               "max_image_seq_len": 4096},
 }
 
+# model_index.json of the two pipelines: dev (Mistral 3 text encoder, guidance embedder) and klein (Qwen3,
+# base and distilled); component -> (library, class), in diffusers' order
+COMPONENTS = {
+    "Flux2Pipeline": {
+        "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
+        "text_encoder": ("transformers", "Mistral3ForConditionalGeneration"),
+        "tokenizer": ("transformers", "PixtralProcessor"),
+        "transformer": ("diffusers", "Flux2Transformer2DModel"),
+        "vae": ("diffusers", "AutoencoderKLFlux2"),
+    },
+    "Flux2KleinPipeline": {
+        "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
+        "text_encoder": ("transformers", "Qwen3ForCausalLM"),
+        "tokenizer": ("transformers", "Qwen2TokenizerFast"),
+        "transformer": ("diffusers", "Flux2Transformer2DModel"),
+        "vae": ("diffusers", "AutoencoderKLFlux2"),
+    },
+}
+
 FLUX2 = Family(
     name="flux2",
     diffusers_class="Flux2Transformer2DModel",
@@ -25,7 +44,8 @@ FLUX2 = Family(
     latent_patch=lambda config: 1,  # tokens are the VAE's already patchified (2x2, 128-channel) latents
     # klein (no guidance embedder) and dev (guidance embedder) ship in different pipeline classes;
     # reference images replace img2img
-    pipelines=Pipelines(text_to_image="Flux2KleinPipeline", img2img=None, guided="Flux2Pipeline"),
+    pipelines=Pipelines(text_to_image="Flux2KleinPipeline", img2img=None, guided="Flux2Pipeline",
+                        components=COMPONENTS),
     sampling=None,  # mj.Pipeline does not sample FLUX.2 yet
     schedulers=SCHEDULERS,
     scheduler_of=lambda config: "flux2",

@@ -18,6 +18,21 @@ def _distilled_export_note(component: str, to: str) -> str:
             f"mmdit-jax loads this export as distilled")
 
 
+# model_index.json of StableDiffusion3Pipeline: component -> (library, class), in diffusers' order
+COMPONENTS = {
+    "StableDiffusion3Pipeline": {
+        "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
+        "text_encoder": ("transformers", "CLIPTextModelWithProjection"),
+        "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
+        "text_encoder_3": ("transformers", "T5EncoderModel"),
+        "tokenizer": ("transformers", "CLIPTokenizer"),
+        "tokenizer_2": ("transformers", "CLIPTokenizer"),
+        "tokenizer_3": ("transformers", "T5TokenizerFast"),
+        "transformer": ("diffusers", "SD3Transformer2DModel"),
+        "vae": ("diffusers", "AutoencoderKL"),
+    },
+}
+
 SD3 = Family(
     name="sd3",
     diffusers_class="SD3Transformer2DModel",
@@ -29,7 +44,7 @@ SD3 = Family(
     detect_layout=weights.detect_layout,
     latent_patch=lambda config: config.patch_size,
     pipelines=Pipelines(text_to_image="StableDiffusion3Pipeline", img2img="StableDiffusion3Img2ImgPipeline",
-                        controlnet="StableDiffusion3ControlNetPipeline"),
+                        controlnet="StableDiffusion3ControlNetPipeline", components=COMPONENTS),
     # StableDiffusion3Pipeline's defaults; the image side is the transformer config's sample_size
     sampling=SamplingDefaults(num_inference_steps=28, guidance_scale=7.0, max_sequence_length=256,
                               sample_size=None, linspace_sigmas_with_mu=False, sigma_through_timesteps=False,
