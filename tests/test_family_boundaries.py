@@ -87,6 +87,9 @@ def test_each_family_answers_for_itself(name):
     assert F.family_of_pipeline(fam.pipelines.text_to_image, "x") is fam
     for cls in fam.pipelines.names():
         assert F.family_of_pipeline(cls, "x") is fam, cls
+    for cls in (fam.pipelines.text_to_image, fam.pipelines.guided):  # mmdit-convert writes these
+        if cls is not None:
+            assert fam.pipelines.components[cls]["transformer"] == ("diffusers", fam.diffusers_class), cls
     assert F.family_of_diffusers_config({"_class_name": fam.diffusers_class}, "x") is fam
     for preset, cfg in fam.presets.items():
         assert F.family_of_config(cfg) is fam, preset
