@@ -160,8 +160,9 @@ class TrainMode:
         return self.write_export(jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), tree),
                                  workdir, model)
 
-    def write_export(self, trained, workdir: str, model) -> str:
-        raise NotImplementedError
+    def write_export(self, trained, workdir: str, model) -> str | None:
+        """Writes the mode's own output file from host arrays; modes with `writes_export` override it."""
+        return None
 
 
 class FullMode(TrainMode):
