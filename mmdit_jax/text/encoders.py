@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmdit_jax.io import paths
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.io.sources import read_json
 from mmdit_jax.text.tokenizers import load_tokenizer, tokenize
@@ -136,7 +137,7 @@ def load_text_encoders(path, dtype="float32", mesh=None):
 
     Returns `enc` with `enc(prompts, max_sequence_length=None) -> (context, pooled)` jax arrays."""
     dtype = parse_dtype(dtype)
-    path = os.fspath(path)
+    path = paths.local(os.fspath(path))
     index_path = os.path.join(path, "model_index.json")
     if not os.path.isfile(index_path):
         raise MMDiTError(f"{path}: text encoders load from a diffusers pipeline folder (model_index.json "

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mmdit_jax.io import paths
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.flux.config import FluxConfig
 from mmdit_jax.io import rules
@@ -193,8 +194,8 @@ def write_toy_pipeline(folder, variant: str = "sd3", seed: int = 0, config: ToyC
                        overwrite: bool = False) -> ToyConfig:
     """Write a fresh toy pipeline folder; returns its ToyConfig. `config` overrides `variant`."""
     cfg = config if config is not None else toy_config(variant)
-    folder = os.fspath(folder)
-    if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)) and not overwrite:
+    folder = paths.absolute(folder)
+    if paths.exists(folder) and (not paths.isdir(folder) or paths.listdir(folder)) and not overwrite:
         raise MMDiTError(f"{folder}: already exists and is not empty (pass overwrite=True to replace it)")
     with atomic_folder(folder) as tmp:
         _write_all(tmp, cfg, seed)
@@ -229,7 +230,7 @@ def _write_all(root: str, cfg: ToyConfig, seed: int):
 
 def read_toy_config(folder) -> ToyConfig:
     """The ToyConfig a toy pipeline folder was written with (its toy.json)."""
-    path = os.path.join(os.fspath(folder), "toy.json")
+    path = os.path.join(paths.local(os.fspath(folder)), "toy.json")
     if not os.path.isfile(path):
         raise MMDiTError(f"{folder}: not a toy pipeline folder (no toy.json)")
     with open(path) as f:

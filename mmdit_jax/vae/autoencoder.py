@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mmdit_jax.io import paths
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.io.component import ComponentWeights
 from mmdit_jax.io.sources import PrefixView, open_component, read_json
@@ -143,7 +144,7 @@ class VAE:
 
 def pixel_space_config(path) -> PixelSpaceConfig | None:
     """The PixelSpaceVAE config when `path` (a pipeline folder or its vae/ folder) holds one."""
-    path = os.fspath(path)
+    path = paths.local(os.fspath(path))
     if not os.path.isdir(path):
         return None
     if os.path.isfile(os.path.join(path, "model_index.json")):
@@ -195,6 +196,7 @@ def load_vae(path, dtype="float32", *, family: str | None = None, config: VAECon
     for networks whose GroupNorm group count is not 32, which weights can not reveal).
 
     A folder whose config.json names `PixelSpaceVAE` gives that parameter-free latent map instead."""
+    path = paths.local(os.fspath(path))
     pixel = pixel_space_config(path)
     if pixel is not None:  # parameter-free: no weights file to open
         return PixelSpaceVAE(pixel, {}, parse_dtype(dtype))
