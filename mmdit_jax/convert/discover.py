@@ -12,6 +12,7 @@ import os
 
 from mmdit_jax.convert.pipelines import BUNDLED_TEXT, PIPELINE_OF_FAMILY, default_scheduler
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.io import paths
 from mmdit_jax.io.component import ComponentWeights
 from mmdit_jax.io.sources import open_tensors, read_json
 
@@ -216,7 +217,8 @@ def _add_tokenizers(found: Found, folder: str) -> None:
 
 
 def discover(path, dtype="float32", tokenizers: str | None = None) -> Found:
-    path = os.fspath(path)
+    path = _local(path)
+    tokenizers = None if tokenizers is None else _local(tokenizers)
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "model_index.json")):
             return _pipeline(path, dtype, tokenizers)
@@ -227,3 +229,12 @@ def discover(path, dtype="float32", tokenizers: str | None = None) -> Found:
     if os.path.isfile(path):
         return _single_file(path, dtype, tokenizers)
     raise MMDiTError(f"{path}: no such file or folder")
+
+
+def _local(path) -> str:
+    """A bucket source's local copy (Orbax params stay in the bucket: they are restored from there)."""
+    path = paths.absolute(path)
+    if not paths.is_remote(path):
+        return path
+    paths.check_bucket(path, "--src")
+    return paths.local_folder(path) if paths.isdir(path) else paths.local_file(path)

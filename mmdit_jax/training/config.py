@@ -15,6 +15,7 @@ import typing
 from typing import Callable
 
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.io import paths
 
 from mmdit_jax.data.config import DataConfig
 
@@ -478,7 +479,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
              f"need 0 <= guidance_min ({ds.guidance_min}) <= guidance_max")
         need(ds.teacher_dtype in COMPUTE_DTYPES, "distill.teacher_dtype", f"one of {COMPUTE_DTYPES}")
         if ds.teacher is not None:
-            need(os.path.exists(ds.teacher), "distill.teacher", "no such file or folder")
+            need(paths.exists(ds.teacher), "distill.teacher", "no such file or folder")
     if lg.sample_every and cfg.encoders is None and m.pretrained is None and cfg.base.maker is None:
         raise MMDiTError("--set=log.sample_every: sample grids need text encoders and a VAE: set encoders "
                          "(a pipeline folder) or model.pretrained")

@@ -9,7 +9,6 @@ did before modes existed.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.io import paths
 
 LORA_DIR = "lora"
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
@@ -181,12 +181,12 @@ class TrainMode:
 
         tree = state.ema if state.ema is not None else state.params
         lora = self.lora_of(jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), tree))
-        folder = os.path.join(workdir, LORA_DIR)
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, LORA_FILE)
+        folder = paths.join(workdir, LORA_DIR)
+        paths.makedirs(folder)
+        path = paths.join(folder, LORA_FILE)
         save_lora(lora, path, model, "diffusers")
         if self.cfg.lora.format != "diffusers":
-            save_lora(lora, os.path.join(folder, f"lora_{self.cfg.lora.format}.safetensors"), model,
+            save_lora(lora, paths.join(folder, f"lora_{self.cfg.lora.format}.safetensors"), model,
                       self.cfg.lora.format)
         return path
 
