@@ -41,9 +41,13 @@ def stores():
 
 
 def _clear_fs_caches():
+    """Clients made afresh, reading the endpoint and keys now in the environment (epath keeps one
+    filesystem per scheme, fsspec one per set of arguments)."""
     import gcsfs
     import s3fs
+    from etils.epath import backend
 
+    type(backend.fsspec_backend)._get_filesystem.cache_clear()
     gcsfs.GCSFileSystem.clear_instance_cache()
     s3fs.S3FileSystem.clear_instance_cache()
 

@@ -9,7 +9,7 @@ AWS_ENDPOINT_URL for S3), so an emulator or an S3-compatible store is reached wi
 Local paths keep plain os calls (symlinks, modes, renames). For URLs:
 - Libraries that read only local files (safetensors mmaps, tokenizers, Pillow, ArrayRecord readers) get a
   local copy (`local_file`, `local_folder`) kept under MMDIT_CACHE (default ~/.cache/mmdit-jax/remote);
-  a file is fetched again only when its size changed. Orbax checkpoints inside a folder are not copied:
+  a file is fetched again only when the object changed (its generation / ETag, recorded per copy). Orbax checkpoints inside a folder are not copied:
   Orbax restores them from the bucket, each process reading its own shards.
 - A link is a small JSON pointer file (NAME + LINK_SUFFIX: {"target": relative path or URL}), as
   buckets have no symlinks; `resolve` follows one.
@@ -32,6 +32,7 @@ LINK_SUFFIX = ".link.json"
 # a folder being written to a bucket holds this object until its last file is in (see files.atomic_folder)
 WRITING_MARKER = ".partial"
 CACHE_ENV = "MMDIT_CACHE"
+STAMPS_DIR = ".stamps"  # under the cache: the object version each copy was made from
 ENDPOINT_HELP = {"gs": "STORAGE_EMULATOR_HOST", "s3": "AWS_ENDPOINT_URL"}
 # Orbax checkpoint folders hold one of these; such a folder is read in place, never copied
 ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt")
@@ -52,8 +53,7 @@ _bridge_endpoints()
 
 
 def is_remote(path) -> bool:
-    return isinstance(path, str) and path.startswith(SCHEMES) or \
-        (not isinstance(path, str) and str(path).startswith(SCHEMES))
+    return str(path).startswith(SCHEMES)
 
 
 def _s(path) -> str:
@@ -267,13 +267,27 @@ def remove(path) -> None:
 
 def files_under(path) -> dict[str, int]:
     """{relative path: size} of every file under a folder (links followed locally)."""
+    return {rel: info[0] for rel, info in _listing(path).items()}
+
+
+def _stamp(info: dict) -> str:
+    """What changes when an object is rewritten (its generation / ETag / checksum), with its size."""
+    for key in ("generation", "ETag", "etag", "md5Hash", "crc32c", "mtime", "LastModified"):
+        if info.get(key):
+            return f"{info.get('size')}:{info[key]}"
+    return str(info.get("size"))
+
+
+def _listing(path) -> dict[str, tuple[int, str]]:
+    """{relative path: (size, stamp)} of every file under a folder."""
     path = _s(path)
     out = {}
     if not is_remote(path):
         for root, dirs, names in os.walk(path, followlinks=True):
             for name in names:
                 full = os.path.join(root, name)
-                out[os.path.relpath(full, path)] = os.path.getsize(full)
+                st = os.stat(full)
+                out[os.path.relpath(full, path)] = (st.st_size, f"{st.st_size}:{st.st_mtime_ns}")
         return out
     with storage_errors(path):
         fs = _fs(path)
@@ -281,7 +295,7 @@ def files_under(path) -> dict[str, int]:
         for key, info in fs.find(path, detail=True).items():
             if info.get("type") == "directory" or not key.startswith(prefix):
                 continue
-            out[key[len(prefix):]] = int(info.get("size") or 0)
+            out[key[len(prefix):]] = (int(info.get("size") or 0), _stamp(info))
     return out
 
 
@@ -356,15 +370,28 @@ def local_file(path) -> str:
     with storage_errors(path):
         if not isfile(path):
             raise MMDiTError(f"{path}: no such file")
-        size = _fs(path).size(path)
-    if not (os.path.isfile(local) and os.path.getsize(local) == size):
-        download(path, local)
+        stamp = _stamp(_fs(path).info(path))
+    _fetch(path, local, stamp)
     return local
 
 
+def _fetch(url: str, local: str, stamp: str) -> None:
+    """`url` to `local` unless the copy there was made of the same object version (its stamp file)."""
+    # kept apart from the copies, so a copied folder holds only the object's files
+    mark = os.path.join(cache_root(), STAMPS_DIR, hashlib.sha256(local.encode()).hexdigest()[:32])
+    os.makedirs(os.path.dirname(mark), exist_ok=True)
+    if os.path.isfile(local) and os.path.isfile(mark):
+        with builtins_open(mark, "r") as f:
+            if f.read() == stamp:
+                return
+    download(url, local)
+    with builtins_open(mark, "w") as f:
+        f.write(stamp)
+
+
 def local_folder(path) -> str:
-    """A local folder holding `path`'s files: itself when local, else a cached copy, refreshed where a
-    file's size changed. Link pointers are followed (their targets copied in their place); Orbax
+    """A local folder holding `path`'s files: itself when local, else a cached copy, refreshed where an
+    object changed. Link pointers are followed (their targets copied in their place); Orbax
     checkpoint folders are not copied but linked by a pointer to their URL, as are checkpoint.json
     pointers rewritten to name theirs."""
     path = resolve(_s(path))
@@ -380,7 +407,7 @@ def _mirror(url: str, local: str, depth: int) -> None:
         raise MMDiTError(f"{url}: link pointers nested too deep")
     if isfile(join(url, WRITING_MARKER)):
         raise MMDiTError(f"{url}: incomplete (its writer was stopped before it finished); write it again")
-    files = files_under(url)
+    files = _listing(url)
     if not files:
         raise MMDiTError(f"{url}: no such folder")
     os.makedirs(local, exist_ok=True)
@@ -392,7 +419,7 @@ def _mirror(url: str, local: str, depth: int) -> None:
     skip = {d for d in skip if not any(d.startswith(o + "/") for o in skip)}
     for d in sorted(skip):
         _write_link(os.path.join(local, d), join(url, d))
-    for rel, size in sorted(files.items()):
+    for rel, (_, stamp) in sorted(files.items()):
         if any(rel.startswith(d + "/") for d in skip):
             continue
         src, dst = join(url, rel), os.path.join(local, rel)
@@ -414,8 +441,7 @@ def _mirror(url: str, local: str, depth: int) -> None:
             with builtins_open(dst, "w") as f:
                 json.dump(spec, f)
             continue
-        if not (os.path.isfile(dst) and os.path.getsize(dst) == size):
-            download(src, dst)
+        _fetch(src, dst, stamp)
 
 
 def _write_link(at: str, target: str) -> None:
