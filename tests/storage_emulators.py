@@ -30,11 +30,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+def _log():
+    """The emulator's log: a file, as a pipe nobody reads would fill and block the server."""
+    import tempfile
+
+    return tempfile.TemporaryFile("w+")
+
+
+def _wait(url: str, proc: subprocess.Popen, log, timeout: float = 60.0) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc.poll() is not None:
-            raise RuntimeError(f"emulator exited early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+            log.seek(0)
+            raise RuntimeError(f"emulator exited early ({proc.returncode}): {log.read()[-2000:]}")
         try:
             urllib.request.urlopen(url, timeout=2).read()
             return
@@ -47,15 +55,16 @@ def _wait(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
 def gcs_emulator(bucket: str = BUCKET):
     """Yields the environment (STORAGE_EMULATOR_HOST) for a running GCS emulator holding `bucket`."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "gcs", str(port), bucket], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    log = _log()
+    proc = subprocess.Popen([sys.executable, __file__, "gcs", str(port), bucket], stdout=log, stderr=log)
     host = f"http://127.0.0.1:{port}"
     try:
-        _wait(f"{host}/storage/v1/b", proc)
+        _wait(f"{host}/storage/v1/b", proc, log)
         yield {"STORAGE_EMULATOR_HOST": host}
     finally:
         proc.kill()
         proc.wait()
+        log.close()
 
 
 @contextlib.contextmanager
@@ -63,17 +72,19 @@ def s3_emulator(bucket: str = BUCKET):
     """Yields the environment (AWS_ENDPOINT_URL and test keys) for a running moto server holding
     `bucket`."""
     port = free_port()
+    log = _log()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait(f"{url}/moto-api/", proc)
+        _wait(f"{url}/moto-api/", proc, log)
         req = urllib.request.Request(f"{url}/{bucket}", method="PUT")
         urllib.request.urlopen(req, timeout=10).read()
         yield {"AWS_ENDPOINT_URL": url, **S3_KEYS}
     finally:
         proc.kill()
         proc.wait()
+        log.close()
 
 
 def _serve_gcs(port: int, bucket: str) -> None:

@@ -311,7 +311,7 @@ def upload(local: str, url: str) -> None:
 
 def download(url: str, local: str) -> None:
     os.makedirs(os.path.dirname(local), exist_ok=True)
-    tmp = local + WRITING_MARKER
+    tmp = f"{local}.{os.getpid()}{WRITING_MARKER}"  # processes sharing a cache never share a temporary
     with storage_errors(url):
         with epath(url).open("rb") as src, builtins_open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, CHUNK)
