@@ -43,6 +43,11 @@ def _bridge_endpoints() -> None:
     """Orbax stores arrays through TensorStore, whose own GCS client reads TENSORSTORE_GCS_HTTP_URL (its
     S3 client reads AWS_ENDPOINT_URL, as boto does): one endpoint variable then serves every library.
     Against an emulator, gcsfs's probe for hierarchical buckets (an API emulators lack) is turned off."""
+    import fsspec.config
+
+    # no cached listings: another process (the lead, a converter) adds objects this one must then see
+    for scheme in ("gs", "gcs", "s3", "s3a"):
+        fsspec.config.conf.setdefault(scheme, {}).setdefault("use_listings_cache", False)
     host = os.environ.get("STORAGE_EMULATOR_HOST")
     if host:
         os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", host if "://" in host else f"http://{host}")
