@@ -200,6 +200,21 @@ def flops_flux(cfg, batch: int, img_tokens: int, txt_tokens: int) -> dict:
     return {"blocks": batch * blocks, "other": batch * other, "total": batch * (blocks + other)}
 
 
+def flops_flux2(cfg, batch: int, img_tokens: int, txt_tokens: int) -> dict:
+    """FLUX.2 forward. A double block's stream is qkv (3d) + proj (d) + SwiGLU in (2m) and out (m) per
+    token; a single block's linear1 (d -> 3d + 2m) and linear2 (d + m -> d); both add attention's 4*d*S^2.
+    The modulations are three shared projections (6d, 6d, 3d) and the final layer's (2d), once per
+    sample; no Linear has a bias."""
+    d, s, m = cfg.hidden_size, img_tokens + txt_tokens, cfg.mlp_hidden
+    double = 2 * (4 * d * d + 3 * m * d) * s + 4 * d * s * s
+    single = 2 * (d * (3 * d + 2 * m) + (d + m) * d) * s + 4 * d * s * s
+    blocks = cfg.depth * double + cfg.depth_single * single
+    embed = 2 * (cfg.time_channels * d + d * d) * (2 if cfg.guidance_embed else 1)
+    other = (2 * cfg.in_channels * d * img_tokens + 2 * cfg.context_dim * d * txt_tokens + embed
+             + 2 * d * d * (6 + 6 + 3 + 2) + 2 * d * cfg.out_channels * img_tokens)
+    return {"blocks": batch * blocks, "other": batch * other, "total": batch * (blocks + other)}
+
+
 def emit(result: dict) -> None:
     """Prints a readable summary, then the result as one tagged JSON line (run_all.py reads it)."""
     result.setdefault("loadavg_end", loadavg())

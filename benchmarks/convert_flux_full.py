@@ -1,12 +1,14 @@
-"""Full-size FLUX.1-dev conversion: peak memory and time of `mmdit-convert` on a 24 GB checkpoint.
+"""Full-size FLUX conversion: peak memory and time of `mmdit-convert` on a released-size checkpoint
+(FLUX.1-dev: 24 GB; `--preset=flux2-dev`: 64 GB, or a FLUX.2 klein preset).
 
-Writes a random FLUX.1-dev transformer in BFL layout, bfloat16 (23.8 GB, streamed: building it needs no
-24 GB; a cached file is reused), converts it to Orbax with `convert/convert.py --dtype=bfloat16` in a
+Writes a random transformer of the preset in BFL layout, bfloat16 (streamed: building it needs no
+memory of its size; a cached file is reused), converts it to Orbax with `convert/convert.py --dtype=bfloat16` in a
 subprocess, then exports the result back to a BFL single file (`--to=original`), measuring each
 child's peak RSS (getrusage of children) and wall time, and checking the round trip bit for bit on a
 sample of tensors. Deletes everything it wrote unless --keep.
 
-    python benchmarks/convert_flux_full.py [--dir /tmp/mmdit_flux_bench] [--keep] [--no-export]
+    python benchmarks/convert_flux_full.py [--preset flux-dev] [--dir /tmp/mmdit_flux_bench] [--keep]
+                                           [--no-export]
 """
 import argparse
 import os
@@ -23,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import mmdit_jax as mj  # noqa: E402
-from mmdit_jax.convert.synthetic import checkpoint_specs, write_random_checkpoint  # noqa: E402
+from mmdit_jax.conversion.synthetic import checkpoint_specs, write_random_checkpoint  # noqa: E402
 
 
 def free_gb(path):
@@ -52,22 +54,23 @@ def run_child(args):
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="flux-dev", help="flux-dev, flux2-dev, flux2-klein-4b, ...")
     ap.add_argument("--dir", default="/tmp/mmdit_flux_bench")
     ap.add_argument("--keep", action="store_true", help="keep the source checkpoint for another run")
     ap.add_argument("--no-export", action="store_true")
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
-    src = os.path.join(args.dir, "flux1-dev-random.safetensors")
+    src = os.path.join(args.dir, f"{args.preset}-random.safetensors")
     out, back = os.path.join(args.dir, "orbax"), os.path.join(args.dir, "back")
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(back, ignore_errors=True)
 
-    cfg = mj.preset("flux-dev")
+    cfg = mj.preset(args.preset)
     specs = checkpoint_specs(cfg, "original", "bfloat16")
     total = sum(int(np.prod(s)) * d.itemsize for _, s, d in specs)
     largest = max(specs, key=lambda x: int(np.prod(x[1])))
     stacked = cfg.depth_single * int(np.prod(largest[1])) * 2
-    print(f"FLUX.1-dev: {len(specs)} tensors, {total / 1e9:.2f} GB bf16; largest stacked array "
+    print(f"{args.preset}: {len(specs)} tensors, {total / 1e9:.2f} GB bf16; largest stacked array "
           f"(single blocks' linear1, {cfg.depth_single} x {largest[1][1]} x {largest[1][0]}) "
           f"{stacked / 1e9:.2f} GB; free disk {free_gb(args.dir):.0f} GB", flush=True)
 

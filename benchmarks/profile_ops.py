@@ -2,7 +2,7 @@
 
 Traces a few calls with `jax.profiler`, sums the executed thunks' durations by kind (matmuls, the
 scan's stacking and slicing, copies and transposes, elementwise fusions) and prints the table, with
-the compiled temporaries. Used to find what to fix in the library (issue 10).
+the compiled temporaries. Shows what to optimise in the library.
 
     python benchmarks/profile_ops.py --case sd3|flux [--what forward|grad] [--top 15]
 

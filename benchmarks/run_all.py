@@ -38,6 +38,10 @@ def comparisons(quick: bool) -> list[tuple[str, list[str]]]:
         todo += [("train", ["train_step.py", "--case", c, "--reps", r(train, 2)]) for c in cases]
         todo += [("sampling", ["sampling_loop.py", "--case", c, "--steps", r(8, 3), "--reps", r(sampling, 1)])
                  for c in cases]
+    # FLUX.2 (dev style) forward and training step at the FLUX.1 cases' widths and token counts
+    for case, (fwd, train) in (("flux2", (7, 5)), ("flux2-mid", (9, 7)), ("flux2-tiny", (15, 15))):
+        todo += [("forward", ["transformer_forward.py", "--case", case, "--reps", r(fwd, 3)]),
+                 ("train", ["train_step.py", "--case", case, "--reps", r(train, 2)])]
     return todo + [
         ("vae", ["vae_decode.py", "--reps", r(5, 2)]),
         ("text", ["text_encode.py", "--reps", r(7, 3)]),
@@ -119,7 +123,7 @@ def table(results: list[dict]) -> list[str]:
     return rows
 
 
-# issue 10's CPU targets: (comparison, minimum speed-up over diffusers eager, minimum utilisation)
+# the CPU targets: (comparison, minimum speed-up over diffusers eager, minimum utilisation)
 TARGETS = {"forward": (1.5, 0.65), "train": (1.2, None), "sampling": (1.5, None)}
 
 

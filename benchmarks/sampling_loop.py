@@ -8,7 +8,7 @@ eager mode, then FlowMatchEulerDiscreteScheduler.step. SD3 runs classifier-free 
 
     python benchmarks/sampling_loop.py --case sd3|flux [--steps 8] [--images 1] [--reps 3]
         [--dtype float32|bfloat16] [--torch_device cpu|cuda] [--compile [--compile_backend eager]]
-    # issue 10's GPU target: FLUX.1-dev at 1024x1024, 28 steps, bf16, against torch.compile:
+    # the GPU target: FLUX.1-dev at 1024x1024, 28 steps, bf16, against torch.compile:
     python benchmarks/sampling_loop.py --case flux-dev-1024 --steps 28 --reps 3 --dtype bfloat16 \
         --torch_device cuda --compile
 

@@ -15,15 +15,17 @@ import common  # noqa: F401  (puts this checkout first on sys.path)
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    layout: str  # "sd3" or "flux"
+    layout: str  # "sd3", "flux" or "flux2"
     batch: int
-    height: int  # latent pixels (NHWC); image tokens = height*width/4
+    height: int  # latent pixels (NHWC); image tokens = height*width/4 (FLUX.2: already 2x2-patchified, h*w)
     width: int
     txt_tokens: int
     diffusers_kwargs: dict
 
     @property
     def img_tokens(self) -> int:
+        if self.layout == "flux2":
+            return self.height * self.width
         return (self.height // 2) * (self.width // 2)
 
 
@@ -45,6 +47,22 @@ CASES = {
         num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
         axes_dims_rope=(16, 56, 56))),
 }
+
+
+def _flux2(heads: int, height: int, width: int, txt_tokens: int, double: int, single: int) -> Case:
+    """FLUX.2-dev style (guidance embedder, SwiGLU ratio 3, 4-axis RoPE) with `heads` heads of 128 over
+    an h x w grid of 128-channel tokens; batch 2."""
+    return Case("flux2", 2, height, width, txt_tokens, dict(
+        patch_size=1, in_channels=128, num_layers=double, num_single_layers=single, attention_head_dim=128,
+        num_attention_heads=heads, joint_attention_dim=128 * heads, guidance_embeds=True,
+        axes_dims_rope=(32, 32, 32, 32)))
+
+
+# the FLUX.1 cases' widths and token counts: 512 over 384 image + 128 text tokens (2 double + 4 single
+# blocks); 256 over 192 + 64; tiny: 128 over 64 + 32 (heads of 128 as released, so fewer heads)
+CASES["flux2"] = _flux2(4, 16, 24, 128, 2, 4)
+CASES["flux2-mid"] = _flux2(2, 12, 16, 64, 2, 4)
+CASES["flux2-tiny"] = _flux2(1, 8, 8, 32, 2, 2)
 
 
 def _smaller(case: Case, heads: int, height: int, width: int, txt_tokens: int, **overrides) -> Case:
@@ -73,9 +91,10 @@ def torch_transformer(case: Case, seed: int = 0, std: float = 0.02, device="cpu"
     On CPU it is built and drawn in float32 (then cast to `dtype`); on an accelerator it is built and
     drawn there in `dtype`, since a released size in float32 would not fit beside its bf16 copy."""
     import torch
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel, SD3Transformer2DModel
 
-    cls = SD3Transformer2DModel if case.layout == "sd3" else FluxTransformer2DModel
+    cls = {"sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel,
+           "flux2": Flux2Transformer2DModel}[case.layout]
     torch.manual_seed(seed)
     device = torch.device(device)
     on_cpu = device.type == "cpu"
@@ -102,15 +121,17 @@ def load_ours(torch_model, loader):
 
 
 def inputs(case: Case, seed: int = 0) -> dict:
-    """NHWC latents, sigma, context, pooled (and guidance for FLUX), float32 numpy."""
+    """NHWC latents, sigma, context, pooled (none for FLUX.2) and guidance (FLUX), float32 numpy."""
     rng = np.random.default_rng(seed)
     kw = case.diffusers_kwargs
-    ctx_dim, pooled_dim = kw["joint_attention_dim"], kw["pooled_projection_dim"]
-    out = dict(latents=rng.standard_normal((case.batch, case.height, case.width, 16), dtype=np.float32),
+    channels = kw["in_channels"] if case.layout == "flux2" else 16
+    out = dict(latents=rng.standard_normal((case.batch, case.height, case.width, channels), dtype=np.float32),
                sigma=np.linspace(0.9, 0.3, case.batch).astype(np.float32),
-               context=rng.standard_normal((case.batch, case.txt_tokens, ctx_dim), dtype=np.float32),
-               pooled=rng.standard_normal((case.batch, pooled_dim), dtype=np.float32))
-    if case.layout == "flux":
+               context=rng.standard_normal((case.batch, case.txt_tokens, kw["joint_attention_dim"]),
+                                           dtype=np.float32))
+    if case.layout != "flux2":
+        out["pooled"] = rng.standard_normal((case.batch, kw["pooled_projection_dim"]), dtype=np.float32)
+    if case.layout in ("flux", "flux2"):
         out["guidance"] = np.full((case.batch,), 3.5, np.float32)
     return out
 
@@ -149,6 +170,8 @@ def torch_velocity_fn(case: Case, model):
                         pooled_projections=pooled, timestep=sigma * 1000, return_dict=False)[0]
             return out.permute(0, 2, 3, 1)
         return f
+    if case.layout == "flux2":
+        return _flux2_velocity_fn(case, model)
     img_ids, txt_ids = flux_ids(case)
 
     def f(lat, sigma, ctx, pooled, guidance=None):
@@ -159,15 +182,34 @@ def torch_velocity_fn(case: Case, model):
     return f
 
 
+def _flux2_velocity_fn(case: Case, model):
+    """Tokens row-major, ids (T, H, W, L) as Flux2Pipeline builds them: image (0, i, j, 0), text (0, 0, 0, l)."""
+    import torch
+
+    rows, cols = np.meshgrid(np.arange(case.height), np.arange(case.width), indexing="ij")
+    zeros = np.zeros(case.height * case.width)
+    img_ids = torch.tensor(np.stack([zeros, rows.ravel(), cols.ravel(), zeros], -1), dtype=torch.float32)
+    txt_ids = torch.zeros(case.txt_tokens, 4)
+    txt_ids[:, 3] = torch.arange(case.txt_tokens)
+
+    def f(lat, sigma, ctx, pooled=None, guidance=None):
+        b, h, w, c = lat.shape
+        out = model(hidden_states=lat.reshape(b, h * w, c), encoder_hidden_states=ctx, timestep=sigma,
+                    guidance=guidance, img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
+        return out.reshape(b, h, w, c)
+    return f
+
+
 def ours_config(case: Case):
     from mmdit_jax.flux.config import FluxConfig
+    from mmdit_jax.flux2.config import Flux2Config
     from mmdit_jax.sd3.config import MMDiTConfig
 
-    cls = MMDiTConfig if case.layout == "sd3" else FluxConfig
+    cls = {"sd3": MMDiTConfig, "flux": FluxConfig, "flux2": Flux2Config}[case.layout]
     return cls.from_diffusers(case.diffusers_kwargs)
 
 
 def flops(case: Case) -> dict:
     cfg = ours_config(case)
-    fn = common.flops_sd3 if case.layout == "sd3" else common.flops_flux
+    fn = {"sd3": common.flops_sd3, "flux": common.flops_flux, "flux2": common.flops_flux2}[case.layout]
     return fn(cfg, case.batch, case.img_tokens, case.txt_tokens)

@@ -5,7 +5,7 @@ own issue). Theirs: torch autograd + torch.optim.AdamW (its default implementati
 Both optimise every parameter with lr 1e-4, betas (0.9, 0.999), eps 1e-8, weight decay 0.01; the two
 sides' losses must agree on the first step and on the step after one update.
 
-    python benchmarks/train_step.py --case sd3|flux [--reps 5] [--remat none]
+    python benchmarks/train_step.py --case sd3|flux|flux2 [--reps 5] [--remat none]
 """
 import argparse
 import functools
@@ -49,7 +49,7 @@ def main():
                                 "frozen": optax.set_to_zero()}, labels)
 
     def loss_fn(params, batch):
-        v = ours.apply(params, batch["x_t"], batch["sigma"], batch["context"], batch["pooled"],
+        v = ours.apply(params, batch["x_t"], batch["sigma"], batch["context"], batch.get("pooled"),
                        batch.get("guidance"), remat=a.remat)
         return jnp.mean(jnp.square(v - batch["target"]))
 
@@ -61,7 +61,7 @@ def main():
         return optax.apply_updates(params, updates), opt_state, loss
 
     batch = {k: jnp.asarray(v) for k, v in dict(x_t=x_t, target=target, sigma=x["sigma"], context=x["context"],
-                                                  pooled=x["pooled"], guidance=x.get("guidance")).items()
+                                                  pooled=x.get("pooled"), guidance=x.get("guidance")).items()
              if v is not None}
     state = {"params": ours.params, "opt": tx.init(ours.params)}
 
@@ -75,13 +75,13 @@ def main():
                             weight_decay=HYPER["weight_decay"])
     ref_fn = setups.torch_velocity_fn(case, ref_model)
     t = {k: torch.from_numpy(v) for k, v in dict(x_t=x_t, target=target, sigma=x["sigma"], context=x["context"],
-                                                  pooled=x["pooled"], guidance=x.get("guidance")).items()
+                                                  pooled=x.get("pooled"), guidance=x.get("guidance")).items()
          if v is not None}
     ref_model.train()
 
     def theirs():
         opt.zero_grad(set_to_none=True)
-        v = ref_fn(t["x_t"], t["sigma"], t["context"], t["pooled"], t.get("guidance"))
+        v = ref_fn(t["x_t"], t["sigma"], t["context"], t.get("pooled"), t.get("guidance"))
         loss = torch.mean(torch.square(v - t["target"]))
         loss.backward()
         opt.step()

@@ -8,7 +8,7 @@ the measured float32 matmul rate on CPU.
 
     python benchmarks/trainer_step.py [--preset sd3-medium] [--layers 2] [--width 4] [--batch 2]
         [--latent 32] [--text 77] [--dtypes float32,bfloat16] [--remats none,full] [--steps 5]
-    # issue 10's GPU target, SD3-medium at 1024x1024 (128x128 latents), bf16, one GPU:
+    # the GPU target, SD3-medium at 1024x1024 (128x128 latents), bf16, one GPU:
     python benchmarks/trainer_step.py --preset sd3-medium --full --batch 4 --latent 128 --text 333 \
         --dtypes bfloat16 --remats none,dots,full
 """
@@ -24,6 +24,7 @@ import numpy as np
 
 import mmdit_jax as mj
 from mmdit_jax.sharding import make_mesh
+from mmdit_jax.lora import LoraConfig
 from mmdit_jax.training.config import LoraTrainConfig, ModelConfig, TrainConfig
 from mmdit_jax.training.modes import TrainMode
 from mmdit_jax.training.optim import make_optimizer
@@ -67,7 +68,8 @@ def measure(net, dtype, remat, batch, latent, text, steps, lora_rank=0):
     cfg = TrainConfig(model=ModelConfig(preset="sd3-medium", compute_dtype=dtype, remat=remat), batch_size=batch)
     frozen = ()
     if lora_rank:
-        cfg = cfg.replace(lora=LoraTrainConfig(enabled=True, rank=lora_rank, targets="attn", base_dtype="bfloat16"))
+        cfg = cfg.replace(lora=LoraTrainConfig(enabled=True, adapter=LoraConfig(rank=lora_rank, targets="attn"),
+                                               base_dtype="bfloat16"))
     mode = TrainMode(cfg, net)
     model = mj.Transformer(net, None)
     tx = make_optimizer(cfg.optim, 1000, mode.trainable_mask(model))

@@ -1,6 +1,6 @@
 """Transformer forward: mj.Transformer (jitted) versus diffusers eager (and torch.compile), same weights.
 
-    python benchmarks/transformer_forward.py --case sd3|flux [--reps 7] [--no-compile]
+    python benchmarks/transformer_forward.py --case sd3|flux|flux2 [--reps 7] [--no-compile]
 """
 import argparse
 
@@ -29,8 +29,8 @@ def main():
     x = setups.inputs(case)
     tx = {k: torch.from_numpy(v) for k, v in x.items()}
     ref_fn = setups.torch_velocity_fn(case, ref_model)
-    args = (x["latents"], x["sigma"], x["context"], x["pooled"], x.get("guidance"))
-    targs = (tx["latents"], tx["sigma"], tx["context"], tx["pooled"], tx.get("guidance"))
+    args = (x["latents"], x["sigma"], x["context"], x.get("pooled"), x.get("guidance"))
+    targs = (tx["latents"], tx["sigma"], tx["context"], tx.get("pooled"), tx.get("guidance"))
     dev = [jax.device_put(v) if v is not None else None for v in args]
 
     def theirs():

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmdit_jax.vae import VAE
-from mmdit_jax.vae.autoencoder import _network
+from mmdit_jax.vae.loader import _network
 from mmdit_jax.vae.config import vae_preset
 
 

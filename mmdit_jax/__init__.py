@@ -7,12 +7,13 @@ from mmdit_jax.sampling import Pipeline
 from mmdit_jax.sd3.config import MMDiTConfig
 from mmdit_jax.text import load_text_encoders
 from mmdit_jax.transformer import Transformer, count_params, load_transformer, save_transformer
+from mmdit_jax.controlnet import ControlNet, load_controlnet
+from mmdit_jax import controlnet  # mj.controlnet: several nets at once, the registry
 from mmdit_jax.vae import VAE, VAEConfig, load_vae
 from mmdit_jax import lora  # mj.lora: adapters, merge, LoRA files
 
 __version__ = "0.1.0"
 
-__all__ = ["FluxConfig", "MMDiTConfig", "MMDiTError", "Pipeline", "Transformer", "VAE", "VAEConfig", "attention",
-           "attention_backend", "count_params", "load_text_encoders", "lora", "load_transformer", "load_vae",
-           "save_transformer",
-           "preset"]
+__all__ = ["ControlNet", "FluxConfig", "MMDiTConfig", "MMDiTError", "Pipeline", "Transformer", "VAE", "VAEConfig",
+           "attention", "attention_backend", "controlnet", "count_params", "load_controlnet", "load_text_encoders",
+           "load_transformer", "load_vae", "lora", "preset", "save_transformer"]

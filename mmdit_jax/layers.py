@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
+
+from mmdit_jax.quant.dot import quantized_dot
 
 xavier = nnx.initializers.xavier_uniform()
 zeros = nnx.initializers.zeros_init()
@@ -53,9 +56,17 @@ class Linear(nnx.Module):
         self.kernel = param(init, rngs.params(), shape, param_dtype, axes)
         self.bias = param(zeros, rngs.params(), dout, param_dtype, axes[self.n_in:]) if use_bias else None
 
+    # set on block kernels stored as int8 / float8 (mmdit_jax.quant): scales per output channel and the
+    # matmul mode; the model's compute dtype is then the scale's
+    kernel_scale = None
+    dot = "dequant"
+
     def __call__(self, x):
         k = self.kernel[...]
-        y = jnp.tensordot(x.astype(k.dtype), k, axes=self.n_in)
+        if self.kernel_scale is not None:
+            y = quantized_dot(x, k, self.kernel_scale[...], self.n_in, self.dot)
+        else:
+            y = jnp.tensordot(x.astype(k.dtype), k, axes=self.n_in)
         if self.bias is not None:
             y = y + self.bias[...]
         return y
@@ -155,8 +166,17 @@ class MLPEmbedder(nnx.Module):
         return self.out_layer(jax.nn.silu(self.in_layer(x)))
 
 
+class ModulationOut(NamedTuple):
+    """One adaLN group: x + gate * f(modulate(LayerNorm(x), shift, scale)); gate is None where the
+    group has none (a final layer, SD3's last context stream)."""
+    shift: jax.Array
+    scale: jax.Array
+    gate: jax.Array | None = None
+
+
 class Modulation(nnx.Module):
-    """SiLU -> Linear(dim, n * dim); returns the n chunks of width dim in stored order.
+    """SiLU -> Linear(dim, n * dim); returns the n chunks of width dim as `ModulationOut` groups of
+    (shift, scale, gate) in stored order (n = 2: one (shift, scale) group).
 
     Zero-initialised so a freshly built block starts as the identity (adaLN-Zero)."""
 
@@ -172,8 +192,9 @@ class Modulation(nnx.Module):
         """The n chunks side by side, (B, n * dim): what `Stack` computes for all layers at once."""
         return self.lin(jax.nn.silu(c))
 
-    def split(self, m):
-        return jnp.split(m, self.n, axis=-1)
+    def split(self, m) -> tuple[ModulationOut, ...]:
+        chunks = jnp.split(m, self.n, axis=-1)
+        return tuple(ModulationOut(*chunks[i:i + 3]) for i in range(0, self.n, 3))
 
 
 class FinalLayer(nnx.Module):
@@ -185,8 +206,8 @@ class FinalLayer(nnx.Module):
                              rngs=rngs)
 
     def __call__(self, x, c):
-        shift, scale = self.mod(c)
-        return self.linear(modulate(layer_norm(x), shift, scale))
+        (m,) = self.mod(c)
+        return self.linear(modulate(layer_norm(x), m.shift, m.scale))
 
 
 def timestep_embedding(t, dim: int = 256, max_period: float = 10000.0):

@@ -12,11 +12,8 @@ from flax import nnx
 
 from mmdit_jax.attention import LSE_NAME
 from mmdit_jax.layers import Modulation
+from mmdit_jax.quant.formats import is_quantized
 from mmdit_jax.sharding import constrain
-
-# Names tagged inside blocks (see layers.py and the model files; the attention kernels tag the softmax
-# statistics they keep for backward, so saving them spares backward the q k^T matmul and exp).
-SAVEABLE = ("qkv", "attn_out", LSE_NAME, "mlp_hidden")
 
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,  # no remat: keep every residual
@@ -46,7 +43,7 @@ class Stack(nnx.Module):
 
         self.blocks = create(rngs)
 
-    def __call__(self, carry, *args, cond=None, remat: str = "none", skip=None):
+    def __call__(self, carry, *args, cond=None, remat: str = "none", skip=None, after=None):
         """carry = block(carry, *args) for each block in order; `args` are shared by all blocks.
 
         `cond` (optional): the conditioning vector of adaLN blocks. Each block's `modulations(cond)` is
@@ -56,7 +53,11 @@ class Stack(nnx.Module):
         stack at every step and their gradients written back into a zeroed stack.
 
         `skip` (n,) bools, optional: blocks where it is True pass the carry through unchanged
-        (skip-layer guidance); a `lax.cond`, so skipped blocks cost nothing."""
+        (skip-layer guidance); a `lax.cond`, so skipped blocks cost nothing.
+
+        `after` (fn, xs), optional: after block i, skipped or not, carry, y_i = fn(carry, xs_i), with xs
+        (a pytree, leading axis n, may be None) scanned along the blocks; the call then returns
+        (carry, ys). ControlNets collect their blocks' outputs this way and the base adds their residuals."""
         if cond is None:
             graphdef, state = nnx.split(self.blocks)
 
@@ -67,7 +68,15 @@ class Stack(nnx.Module):
             # cond is repeated per layer so the product is a batched matmul on the kernels as stored; with
             # cond shared, XLA first transposes every stacked kernel (and its gradient) on CPU
             conds = jax.numpy.broadcast_to(cond, (self.n,) + cond.shape)
-            mods = jax.vmap(lambda a, s, c: nnx.merge(graphdef, a, s).modulations(c))(adaln, state, conds)
+            def modulations(a, s, c):
+                return nnx.merge(graphdef, a, s).modulations(c)
+
+            if any(is_quantized(x.dtype) for x in jax.tree.leaves(adaln)):
+                # one layer at a time: batched, the int8 / fp8 kernels of all layers would be converted
+                # to the compute dtype at once (a float copy of a third of the blocks' weights)
+                mods = jax.lax.map(lambda xs: modulations(*xs), (adaln, state, conds))
+            else:
+                mods = jax.vmap(modulations)(adaln, state, conds)
             # whole over "tensor" (gathered here, once for all layers): each block cuts them into
             # chunks that would otherwise straddle the shards at every layer
             mods = jax.tree.map(lambda m: constrain(m, ("layers", "batch") + (None,) * (m.ndim - 2)), mods)
@@ -88,9 +97,18 @@ class Stack(nnx.Module):
                 return jax.lax.cond(skip_this, lambda c_, _: c_, run, c, xs), None
             state = (state, jax.numpy.asarray(skip, bool))
 
+        if after is not None:
+            add, after_xs = after
+            inner = body
+
+            def body(c, xs):
+                xs, x_after = xs
+                return add(inner(c, xs)[0], x_after)
+            state = (state, after_xs)
+
         if remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {remat!r}; expected one of {sorted(REMAT_POLICIES)}")
         if remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-        carry, _ = jax.lax.scan(body, carry, state)
-        return carry
+        carry, ys = jax.lax.scan(body, carry, state)
+        return carry if after is None else (carry, ys)

@@ -38,7 +38,7 @@ def ldm_vae(vae):
 
     from mmdit_jax.io import rules
     from mmdit_jax.vae import weights
-    from mmdit_jax.vae.autoencoder import _network
+    from mmdit_jax.vae.loader import _network
     from mmdit_jax.vae.config import VAEConfig
 
     cfg = VAEConfig.from_diffusers(dict(vae.config))

@@ -62,6 +62,20 @@ def test_flux_flops_match_traced_matmuls(guidance):
     assert got["total"] == pytest.approx(traced_flops(cfg, 2, 6, 10, 9), rel=1e-12)
 
 
+@pytest.mark.parametrize("guidance", [True, False])
+def test_flux2_flops_match_traced_matmuls(guidance):
+    cfg = dataclasses.replace(mj.preset("flux2-dev"), num_heads=2, head_dim=16, axes_dim=(4, 4, 4, 4), depth=2,
+                              depth_single=3, context_dim=40, time_channels=64, in_channels=12, out_channels=12,
+                              guidance_embed=guidance)
+    params = Transformer.init(cfg, seed=0).params
+    s = jax.ShapeDtypeStruct
+    args = [s((2, 3, 5, 12), jnp.float32), s((2,), jnp.float32), s((2, 9, 40), jnp.float32), None]
+    if guidance:
+        args.append(s((2,), jnp.float32))
+    traced = dot_flops(jax.make_jaxpr(Transformer(cfg, params=None).apply)(params, *args).jaxpr)
+    assert common.flops_flux2(cfg, 2, 3 * 5, 9)["total"] == pytest.approx(traced, rel=1e-12)
+
+
 def test_block_formula_is_the_issue_formula():
     # a FLUX single block (linear1 d -> 7d, linear2 5d -> d) costs the issue's 24*D^2*S + 4*D*S^2
     cfg = dataclasses.replace(mj.preset("flux-schnell"), depth=0, depth_single=1)

@@ -14,7 +14,7 @@ import torch
 
 import mmdit_jax as mj
 from convert_tiny import bfl_file_tensors, flux_pipeline
-from mmdit_jax.convert import to_orbax
+from mmdit_jax.conversion import to_orbax
 from mmdit_jax.io import orbax_io
 from mmdit_jax.io.safetensors_io import save_file
 from sd3_oracle import tiny_model

@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from mmdit_jax.convert.synthetic import checkpoint_specs, write_random_checkpoint
+from mmdit_jax.conversion.synthetic import checkpoint_specs, write_random_checkpoint
 from mmdit_jax.flux.config import FluxConfig
 from mmdit_jax.io.orbax_io import FLUSH_BYTES
 
@@ -26,7 +26,7 @@ CHILD = textwrap.dedent("""
     import json, resource, sys, time
     import jax, numpy as np
     import mmdit_jax as mj
-    from mmdit_jax.convert.to_orbax import convert
+    from mmdit_jax.conversion.to_orbax import convert
     from mmdit_jax.io.orbax_io import ParamsWriter
     src, out, mode = sys.argv[1:4]
     # warm up every library the run uses (jax arrays, Orbax partial save + finalize, restore) on a

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from convert_tiny import bfl_file_tensors, flux_pipeline, sai_file_tensors, sd3_pipeline
-from mmdit_jax.convert.export import export
-from mmdit_jax.convert.to_orbax import convert
+from mmdit_jax.conversion.export import export
+from mmdit_jax.conversion.to_orbax import convert
 from mmdit_jax.io.safetensors_io import TensorFile, save_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,7 +10,7 @@ SCRIPT = textwrap.dedent("""
     import sys
     import jax, numpy as np
     import mmdit_jax as mj
-    from mmdit_jax.convert.to_orbax import convert
+    from mmdit_jax.conversion.to_orbax import convert
     from mmdit_jax.sharding import make_mesh
     sys.path.insert(0, sys.argv[2])
     from sd3_oracle import tiny_model

@@ -12,8 +12,8 @@ import pytest
 import mmdit_jax as mj
 from convert_tiny import (bfl_file_tensors, flux_pipeline, ldm_vae, sai_file_tensors, save_torch_pickle,
                           sd3_pipeline)
-from mmdit_jax.convert.pipelines import SCHEDULERS
-from mmdit_jax.convert.to_orbax import convert
+from mmdit_jax.conversion.pipelines import SCHEDULERS
+from mmdit_jax.conversion.to_orbax import convert
 from mmdit_jax.io.safetensors_io import save_file
 
 PROMPTS = ["a red cat on the mat", "blue sky"]

@@ -12,9 +12,9 @@ import mmdit_jax as mj
 from conftest import max_rel_err
 from data_tiny import StandInToy, add_broken, image_folder, save, sd3_pipeline
 from mmdit_jax.data import DataConfig, make_train_data
-from mmdit_jax.data import pipeline as pipeline_module
 from mmdit_jax.data.buckets import fit
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.toy import train_hooks as pipeline_module
 
 # buckets at resolution 32, step 16: (64, 16), (32, 32), (16, 64); the last four need a resize
 SIZES = [(32, 32)] * 6 + [(64, 16)] * 4 + [(16, 64)] * 4 + [(40, 36), (36, 40), (100, 30), (30, 100)]

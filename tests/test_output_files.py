@@ -110,8 +110,8 @@ def test_converted_and_exported_pipeline_folders_get_the_umask_mode(umask, tmp_p
     source whose scheduler folder is private: the copies are the user's new files, not the source's."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from mmdit_jax.convert.export import export
-    from mmdit_jax.convert.to_orbax import convert
+    from mmdit_jax.conversion.export import export
+    from mmdit_jax.conversion.to_orbax import convert
     from sd3_oracle import tiny_model
 
     src = tmp_path / "src"

@@ -1,4 +1,4 @@
-"""The toy demo (issue 9) end to end through the CLI: `mmdit-train --config=toy` writes its base pipeline,
+"""The toy demo end to end through the CLI: `mmdit-train --config=toy` writes its base pipeline,
 trains, evaluates the workdir through mj.Pipeline, and a rerun of a finished run only re-evaluates.
 A few steps only: this checks the plumbing, benchmarks/RESULTS.md "Toy demo" has the real scores."""
 import json
@@ -66,7 +66,7 @@ def test_toy_run_trains_evaluates_and_writes_the_demo_files(sd3_run):
 @pytest.mark.slow
 def test_toy_eval_samples_the_workdir_through_pipeline(sd3_run):
     """The grid's first image is what mj.Pipeline.from_pretrained(WORKDIR) draws for that prompt and
-    seed: eval used the trained EMA weights, toy.json's T5 length and image size, CFG 3."""
+    seed: eval used the trained EMA weights, the base's T5 length and image size, CFG 3."""
     work, _ = sd3_run
     pipe = mj.Pipeline.from_pretrained(work)
     assert pipe.defaults.max_sequence_length == 12 and pipe.defaults.sample_size == 16
@@ -159,14 +159,20 @@ def test_unknown_toy_base_option_is_refused(tmp_path):
     assert not os.path.exists(tmp_path / "base")
 
 
-def test_toy_json_sets_pipeline_defaults_and_bad_ones_are_named(tmp_path):
-    from mmdit_jax.sampling.pipeline import Defaults, _folder_defaults
+def test_model_index_sampling_defaults_set_pipeline_defaults_and_bad_ones_are_named(tmp_path):
+    from mmdit_jax.sampling.pipeline import SAMPLING_DEFAULTS_KEY, Defaults, _folder_defaults
 
     base = Defaults(28, 7.0, 256, 128)
-    assert _folder_defaults(str(tmp_path), base, 2) is base  # no toy.json: the family's defaults
-    (tmp_path / "toy.json").write_text(json.dumps({"max_sequence_length": 12, "resolution": 32}))
-    assert _folder_defaults(str(tmp_path), base, 2) == Defaults(28, 7.0, 12, 16)
-    for bad in ("{", json.dumps({"resolution": 32}), json.dumps({"max_sequence_length": 12, "resolution": 33})):
-        (tmp_path / "toy.json").write_text(bad)
-        with pytest.raises(MMDiTError, match="toy.json"):
-            _folder_defaults(str(tmp_path), base, 2)
+    index = tmp_path / "model_index.json"
+    assert _folder_defaults(str(tmp_path), base) is base  # no model_index.json: the family's defaults
+    index.write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    assert _folder_defaults(str(tmp_path), base) is base  # none set: the family's defaults
+    index.write_text(json.dumps({SAMPLING_DEFAULTS_KEY: {"max_sequence_length": 12, "sample_size": 16}}))
+    assert _folder_defaults(str(tmp_path), base) == Defaults(28, 7.0, 12, 16)
+    index.write_text(json.dumps({SAMPLING_DEFAULTS_KEY: {"guidance_scale": 3, "num_inference_steps": 4}}))
+    assert _folder_defaults(str(tmp_path), base) == Defaults(4, 3, 256, 128)
+    for bad in ("{", [12], {"max_sequence_length": 0}, {"sample_size": 16.5}, {"resolution": 32},
+                {"guidance_scale": True}):
+        index.write_text(bad if isinstance(bad, str) else json.dumps({SAMPLING_DEFAULTS_KEY: bad}))
+        with pytest.raises(MMDiTError, match="model_index.json"):
+            _folder_defaults(str(tmp_path), base)

@@ -61,3 +61,40 @@ def test_presets_and_config_files(tmp_path):
         C.load_config(str(tmp_path / "boom.py"))
     with pytest.raises(MMDiTError, match="does not exist"):
         C.load_config(str(tmp_path / "missing.py"))
+
+
+def test_presets_are_files_in_the_configs_package():
+    import os
+
+    import setuptools
+
+    import mmdit_jax.configs
+
+    folder = os.path.dirname(mmdit_jax.configs.__file__)
+    assert C.preset_file("toy-flux") == os.path.join(folder, "toy_flux.py")
+    assert C.preset_file("sd3.5-medium-lora") == os.path.join(folder, "sd3_5_medium_lora.py")
+    files = {f for f in os.listdir(folder) if f.endswith(".py") and f != "__init__.py"}
+    assert {os.path.basename(C.preset_file(p)) for p in C.presets() if p != "debug-bigger"} == files
+    for name in C.presets():
+        assert isinstance(C.load_config(name), C.TrainConfig), name
+    assert C.load_config("toy-flux").base.maker == "toy-flux" and C.load_config("toy").base.maker == "toy"
+    root = os.path.dirname(os.path.dirname(folder))
+    assert "mmdit_jax.configs" in setuptools.find_packages(root, include=["mmdit_jax", "mmdit_jax.*"])
+
+
+def test_lora_settings_nest_the_adapter_config_and_keep_their_short_keys():
+    from mmdit_jax.lora import LoraConfig
+
+    cfg = C.apply_overrides(C.load_config("sd3-medium-lora"), ["lora.rank=8", "lora.blocks=2,0",
+                                                               "lora.adapter.alpha=4"])
+    assert cfg.lora.adapter == LoraConfig(rank=8, alpha=4.0, blocks=(0, 2), targets="attn")
+    with pytest.raises(MMDiTError, match="--set=lora.rank: .*rank 0"):
+        C.apply_overrides(cfg, ["lora.rank=0"])
+
+
+def test_overrides_of_one_section_apply_together():
+    # each step alone would break guidance_min <= guidance_max; the result does not
+    cfg = C.apply_overrides(C.TrainConfig(), ["distill.guidance_min=8", "distill.guidance_max=9"])
+    assert (cfg.distill.guidance_min, cfg.distill.guidance_max) == (8.0, 9.0)
+    with pytest.raises(MMDiTError, match="--set=optim.lr"):  # a section checks itself when built
+        C.OptimConfig(lr=-1.0)

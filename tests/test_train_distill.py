@@ -13,7 +13,7 @@ import pytest
 import mmdit_jax as mj
 import train_fake
 from conftest import randomize_torch_
-from mmdit_jax.convert.to_orbax import convert
+from mmdit_jax.conversion.to_orbax import convert
 from mmdit_jax.training.config import (CheckpointConfig, DistillConfig, EMAConfig, LogConfig, LossConfig,
                                        ModelConfig, OptimConfig, TimestepConfig, apply_overrides, validate)
 from mmdit_jax.errors import MMDiTError

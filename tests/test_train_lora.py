@@ -29,7 +29,7 @@ from mmdit_jax.training.state import create_state
 TINY = dict(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=2,
             joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=10, out_channels=16,
             pos_embed_max_size=8, qk_norm="rms_norm", dual_attention_layers=(0,))
-LORA = LoraTrainConfig(enabled=True, rank=3, alpha=5.0, dropout=0.1, targets="attn_mlp")
+LORA = LoraTrainConfig(enabled=True, adapter=L.LoraConfig(rank=3, alpha=5.0, dropout=0.1, targets="attn_mlp"))
 
 
 @pytest.fixture(scope="module")

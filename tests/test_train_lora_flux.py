@@ -13,6 +13,7 @@ from conftest import max_rel_err
 from lora_oracle import flux_pipeline
 from mmdit_jax import lora as L
 from mmdit_jax.training import register_data_factory
+from mmdit_jax.lora import LoraConfig
 from mmdit_jax.training.config import (CheckpointConfig, EMAConfig, LogConfig, LoraTrainConfig, LossConfig,
                                        ModelConfig, OptimConfig)
 from mmdit_jax.training.loop import train
@@ -31,8 +32,8 @@ def test_trained_flux_lora_loads_in_diffusers_with_the_same_effect(tmp_path):
     flux_oracle.tiny_flux(True, seed=4, std=0.1).save_pretrained(folder)
     cfg = train_fake.tiny_config(
         model=ModelConfig(pretrained=folder, compute_dtype="float32"), data_factory="fake_flux",
-        lora=LoraTrainConfig(enabled=True, rank=2, alpha=4.0, targets="all", blocks=(1,), single_blocks=(0,),
-                             format="kohya"),
+        lora=LoraTrainConfig(enabled=True, adapter=LoraConfig(rank=2, alpha=4.0, targets="all", blocks=(1,),
+                                                              single_blocks=(0,)), format="kohya"),
         loss=LossConfig(encoder_dropout=0.0, guidance=3.5), optim=OptimConfig(lr=3e-2, warmup_steps=0, clip_norm=0.0),
         ema=EMAConfig(decay=0.0), checkpoint=CheckpointConfig(every=3, keep=1, async_save=False),
         log=LogConfig(every=1, val_every=0), max_steps=3)

@@ -50,7 +50,7 @@ def test_finetune_from_pipeline_folder_writes_a_loadable_workdir_and_grid(tmp_pa
     np.testing.assert_array_equal(np.asarray(ctx), np.asarray(ctx_b))
     z = np.random.default_rng(0).standard_normal((1, 4, 6, 16)).astype(np.float32)
     np.testing.assert_array_equal(np.asarray(mj.load_vae(work).decode(z)), np.asarray(mj.load_vae(base).decode(z)))
-    # and the workdir samples like the base it was trained from (issue 7: checkpoints sample through
+    # and the workdir samples like the base it was trained from (checkpoints sample through
     # the sampler): same weights, scheduler config linked from the base
     lat = np.random.default_rng(1).standard_normal((1, 8, 8, 16)).astype(np.float32)  # default size
     kw = dict(num_inference_steps=2, guidance_scale=2.0, latents=lat, output_type="np", max_sequence_length=20)

@@ -46,11 +46,12 @@ real = dict(params=on_device(state.params), optimizer=on_device((state.opt_state
             ema=on_device(state.ema), total=sum(x.nbytes for x in jax.tree.leaves(state)))
 
 # LoRA: the frozen bfloat16 base as planned (not compiled) against the base really placed
+from mmdit_jax.lora import LoraConfig
 from mmdit_jax.training.config import LoraTrainConfig
 from mmdit_jax.training.modes import TrainMode
 from mmdit_jax.training.plan import plan
 
-lcfg = cfg.replace(lora=LoraTrainConfig(enabled=True, rank=2, base_dtype="bfloat16"))
+lcfg = cfg.replace(lora=LoraTrainConfig(enabled=True, adapter=LoraConfig(rank=2), base_dtype="bfloat16"))
 planned = plan(lcfg, model.config, compile_step=False)
 mode = TrainMode(lcfg, model.config)
 base = mj.Transformer.init(model.config)

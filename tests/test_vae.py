@@ -74,7 +74,7 @@ def ldm_state_dict(cfg, tm):
 
 
 def _template(cfg):
-    from mmdit_jax.vae.autoencoder import _network
+    from mmdit_jax.vae.loader import _network
     return _network(cfg, jnp.float32).structure.abstract_params()
 
 

@@ -44,13 +44,13 @@ def main(argv) -> None:
         _fail(f"--max_shard_mb must be positive, got {FLAGS.max_shard_mb}")
     try:
         if FLAGS.to:
-            from mmdit_jax.convert.export import export
+            from mmdit_jax.conversion.export import export
 
             res = export(FLAGS.src, FLAGS.out, FLAGS.to, FLAGS.dtype, tokenizers=FLAGS.tokenizers,
                          max_shard_bytes=FLAGS.max_shard_mb * 10**6)
             print(f"mmdit-convert: wrote {FLAGS.to} layout to {res['out']} ({', '.join(res['written'])})")
         else:
-            from mmdit_jax.convert.to_orbax import convert
+            from mmdit_jax.conversion.to_orbax import convert
 
             res = convert(FLAGS.src, FLAGS.out, FLAGS.dtype or "float32", FLAGS.tokenizers)
             print(f"mmdit-convert: wrote {FLAGS.out} ({', '.join(res['components'])}) in {res['seconds']} s")

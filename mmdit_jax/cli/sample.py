@@ -41,6 +41,9 @@ flags.DEFINE_string("img2img", None, "input image file: image-to-image from it")
 flags.DEFINE_float("strength", 0.6, "img2img strength in [0, 1]")
 flags.DEFINE_multi_string("lora", [], "LoRA file (diffusers/PEFT, kohya or ComfyUI keys), optionally :SCALE; "
                           "repeatable: adapters are stacked and merged into the weights")
+flags.DEFINE_enum("quantize", None, ["int8", "fp8", "int8:native", "fp8:native"],
+                  "store the transformer's block weights as int8 or float8 with per-channel scales (about half "
+                  "the memory of bfloat16); :native also rounds activations for the hardware's int8/fp8 matmul")
 flags.DEFINE_bool("progress", True, "print per-step progress to stderr")
 for _axis, _what in (("data", "data parallel (batch split)"), ("fsdp", "FSDP (parameters and batch split)"),
                      ("tensor", "tensor parallel (heads / MLP split)"),
@@ -69,13 +72,15 @@ def _settings() -> dict:
 
     names = ["model", "prompt", "negative_prompt", "height", "width", "steps", "guidance", "seed",
              "num_images", "dtype", "sampler", "schedule", "max_sequence_length", "true_cfg", "slg_layers",
-             "slg_scale", "slg_start", "slg_stop", "img2img", "strength", "lora"]
+             "slg_scale", "slg_start", "slg_stop", "img2img", "strength", "lora", "quantize"]
     s = {n: FLAGS[n].value for n in names}
     s["dtype"] = s["dtype"] or default_dtype()  # the dtype used, so the record reproduces the pixels
     s["model"] = paths.absolute(s["model"])
     s["lora"] = [_abs_lora(x) for x in s["lora"]]
     if not s["lora"]:
         s.pop("lora")
+    if s["quantize"] is None:
+        s.pop("quantize")
     if s["img2img"]:
         s["img2img"] = paths.absolute(s["img2img"])
     else:
@@ -147,15 +152,17 @@ def _sample():
     import mmdit_jax as mj
     from mmdit_jax.errors import MMDiTError
     from mmdit_jax.sampling.images import save_png
+    from mmdit_jax.sharding import MESH_AXES
 
     settings = _settings()
     print(f"loading {settings['model']}", flush=True)
     loras = [_parse_lora(x) for x in FLAGS.lora]  # checked before the model loads
-    mesh = {a: getattr(FLAGS, f"mesh_{a}") for a in ("data", "fsdp", "tensor", "sequence")
+    mesh = {a: getattr(FLAGS, f"mesh_{a}") for a in MESH_AXES
             if getattr(FLAGS, f"mesh_{a}") is not None}
     paths.check_bucket(FLAGS.model, "--model")
     paths.check_bucket(FLAGS.out, "--out")
-    pipe = mj.Pipeline.from_pretrained(FLAGS.model, dtype=settings["dtype"], mesh=mesh or None)
+    pipe = mj.Pipeline.from_pretrained(FLAGS.model, dtype=settings["dtype"], mesh=mesh or None,
+                                       quantize=FLAGS.quantize)
     if loras:
         pipe.fuse_lora([p for p, _ in loras], [s for _, s in loras])
         print(f"merged {len(loras)} LoRA adapter(s): " + ", ".join(f"{p} x{s:g}" for p, s in loras), flush=True)

@@ -1,5 +1,5 @@
-"""Training data with grain: image-caption folders or the toy world encoded on the fly, or latents and text
-embeddings precomputed into ArrayRecord files; aspect-ratio buckets, per-process shards, seeded shuffling,
+"""Training data with grain: image-caption folders or a registered source encoded on the fly, or latents
+and text embeddings precomputed into ArrayRecord files; aspect-ratio buckets, per-process shards, seeded shuffling,
 unreadable images skipped and counted, exactly restorable iterator state."""
 from mmdit_jax.data.buckets import make_buckets
 from mmdit_jax.data.config import DataConfig

@@ -11,7 +11,6 @@ import os
 import numpy as np
 
 from mmdit_jax.io import paths
-from mmdit_jax.errors import MMDiTError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,27 +31,11 @@ class TextSegment:
         return cls(str(name), slice(*rows), slice(*channels), slice(*pooled))
 
 
-def _span(start: int, stop: int, limit: int) -> slice:
-    return slice(min(start, limit), min(stop, limit))
-
-
 def text_layout(enc, max_sequence_length: int | None) -> tuple[TextSegment, ...]:
     """The segments of `mj.load_text_encoders`' output, read off its encoders' configs (see
-    mmdit_jax/text/encoders.py for how each family assembles context and pooled)."""
+    each family's text encoders, e.g. mmdit_jax/sd3/text.py, for how it assembles context and pooled)."""
     n = max_sequence_length or enc.default_max_sequence_length
-    if enc.family == "sd3":
-        width, rows = enc.width, enc.clip_length
-        wl, wg = enc.clip_l.config.width, enc.clip_g.config.width
-        pl, pg = enc.clip_l.config.projection_dim, enc.clip_g.config.projection_dim
-        segments = [TextSegment("clip_l", slice(0, rows), _span(0, wl, width), slice(0, pl)),
-                    TextSegment("clip_g", slice(0, rows), _span(wl, wl + wg, width), slice(pl, pl + pg))]
-        if enc.t5 is not None:  # without T5 that part is zeros already: nothing to drop
-            segments.append(TextSegment("t5", slice(rows, rows + n), slice(0, width), slice(0, 0)))
-        return tuple(segments)
-    if enc.family == "flux":
-        return (TextSegment("clip", slice(0, 0), slice(0, 0), slice(0, enc.clip.config.width)),
-                TextSegment("t5", slice(0, n), slice(0, enc.t5.config.d_model), slice(0, 0)))
-    raise MMDiTError(f"text encoders of family {enc.family!r} have no known layout")
+    return tuple(TextSegment(*segment) for segment in enc.layout(n))
 
 
 class Encoders:

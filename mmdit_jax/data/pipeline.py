@@ -2,7 +2,7 @@
 
 How a batch is drawn (identical on every process, so a global batch is one shape):
 - Images are grouped into aspect-ratio buckets (folder: nearest aspect, small buckets merged into their
-  nearest neighbour; toy: one square bucket; arrayrecord: one bucket per latent shape).
+  nearest neighbour; a registered source: one square bucket; arrayrecord: one bucket per latent shape).
 - Each bucket's examples, sorted by key, are dealt to processes round-robin (example i goes to process
   i % process_count): shards are disjoint and cover the data, and each process only ever reads its own.
 - Each process streams every bucket's shard through grain: `MapDataset.shuffle(seed).repeat()` (a new
@@ -11,7 +11,7 @@ How a batch is drawn (identical on every process, so a global batch is one shape
 - Step k's bucket is drawn from `seed` and k alone, weighted by the buckets' global sizes; the process
   pulls `batch_size` readable examples from that bucket's stream. Unreadable examples are skipped and
   counted and the next ones taken, so every batch is full.
-- Raw batches (toy/folder) are encoded by the jitted VAE and text encoders in this process.
+- Raw batches (folder, registered sources) are encoded by the jitted VAE and text encoders in this process.
 State = the step, each bucket stream's grain iterator state and the skip counters: restoring it replays
 exactly the batches an uninterrupted run would see.
 """
@@ -30,6 +30,20 @@ from mmdit_jax.data.folder import BAD_IMAGE, read_caption, read_image, scan_fold
 from mmdit_jax.errors import MMDiTError
 
 STATE_VERSION = 1
+# data kind -> fn(resolution, seed) -> grain random-access source of {image uint8 (R, R, 3), caption};
+# filled by extensions' train_hooks modules (mmdit_jax.plugins)
+_SOURCES: dict = {}
+
+
+def register_source(kind: str, fn) -> None:
+    _SOURCES[kind] = fn
+
+
+def sources() -> dict:
+    from mmdit_jax.plugins import load_plugins
+
+    load_plugins()
+    return dict(_SOURCES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +67,7 @@ def _load_folder(item, rng, *, shape, random_crop, flip):
             "image": bk.fit(image, shape, rng, random_crop=random_crop, flip=flip)}
 
 
-def _load_toy(index, rng, *, source, shape, random_crop, flip):
+def _load_source(index, rng, *, source, shape, random_crop, flip):
     ex = source[int(index)]
     return {"key": str(int(index)), "caption": ex["caption"],
             "image": bk.fit(np.asarray(ex["image"], np.uint8), shape, rng, random_crop=random_crop, flip=flip)}
@@ -176,7 +190,7 @@ class TrainData:
     def stats(self) -> dict:
         """Counters: `skipped` (distinct unreadable files: at the folder scan, which covers the whole folder,
         plus those met while loading this process's shard), `skip_events`, `batches`, and kind-specific
-        notes (uncaptioned images, dropped buckets; the toy world's endless source replaces `examples`)."""
+        notes (uncaptioned images, dropped buckets; an endless registered source replaces `examples`)."""
         return {"skipped": len(self._scan_skipped) + len(self._skipped),
                 "skipped_at_scan": len(self._scan_skipped), "skipped_at_load": len(self._skipped),
                 "skip_events": self._skip_events, "batches": self._step,
@@ -186,15 +200,6 @@ class TrainData:
     def skipped(self) -> dict:
         """key -> why, for every file skipped so far."""
         return {**self._scan_skipped, **self._skipped}
-
-
-def toy_source(resolution: int, seed: int):
-    """The procedural toy dataset (grain random-access source of {image uint8 (R, R, 3), caption})."""
-    try:
-        from mmdit_jax.toy.dataset import ToyShapes
-    except ImportError:
-        raise MMDiTError("data kind 'toy' needs mmdit_jax.toy, which this installation lacks") from None
-    return ToyShapes(resolution=resolution, seed=seed)
 
 
 def _check_multiple(value: int, multiple: int, what: str):
@@ -255,13 +260,17 @@ def make_train_data(cfg: DataConfig, *, batch_size: int, seed: int, encoders_pat
     aug = dict(random_crop=cfg.random_crop, flip=cfg.random_flip)
     signature.update(resolution=cfg.resolution, random_crop=cfg.random_crop, random_flip=cfg.random_flip)
     notes, scan_skipped = {}, {}
-    if cfg.kind == "toy":
+    if cfg.kind != "folder":
+        makers = sources()
+        if cfg.kind not in makers:
+            raise MMDiTError(f"data kind {cfg.kind!r}: no source registered; known: "
+                             f"{', '.join(['folder', 'arrayrecord', *sorted(makers)])}")
         _check_multiple(cfg.resolution, m, "resolution")
-        source = toy_source(cfg.resolution, seed)
+        source = makers[cfg.kind](cfg.resolution, seed)
         shapes, counts = [(cfg.resolution, cfg.resolution)], [len(source)]
         if counts[0] < n_proc:
-            raise MMDiTError(f"toy dataset of {counts[0]} examples cannot be shared by {n_proc} processes")
-        load = functools.partial(_load_toy, source=source, shape=shapes[0], **aug)
+            raise MMDiTError(f"{cfg.kind} dataset of {counts[0]} examples cannot be shared by {n_proc} processes")
+        load = functools.partial(_load_source, source=source, shape=shapes[0], **aug)
         streams = [_Stream(range(p, counts[0], n_proc), load, _seed(seed, 100), cfg.shuffle, threads, buffer)]
         if getattr(source, "endless", False):
             notes["examples"] = "endless (drawn per index)"

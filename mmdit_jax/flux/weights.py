@@ -5,7 +5,7 @@ ComfyUI files are BFL keys behind "model.diffusion_model.", which `families.dete
 from __future__ import annotations
 
 from mmdit_jax.flux.config import FluxConfig
-from mmdit_jax.io.rules import Entry, linear, rule
+from mmdit_jax.io.rules import Entry, linear, rule, tree_path
 
 
 def _embedder(path, d_mod, o_mod):
@@ -66,13 +66,9 @@ def top_rules(cfg: FluxConfig):
     return r
 
 
-def _path(s: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in s.strip(".").split("."))
-
-
 def plan(cfg: FluxConfig) -> list[Entry]:
     """Every internal parameter of `Flux(cfg)` with its external keys."""
-    entries = [Entry(_path(r.path), r) for r in top_rules(cfg)]
+    entries = [Entry(tree_path(r.path), r) for r in top_rules(cfg)]
     stacks = [("double_blocks", double_block_rules, cfg.depth, "transformer_blocks", "double_blocks"),
               ("single_blocks", single_block_rules, cfg.depth_single, "single_transformer_blocks",
                "single_blocks")]
@@ -81,7 +77,7 @@ def plan(cfg: FluxConfig) -> list[Entry]:
             continue
         prefixes = {"diffusers": tuple(f"{d_prefix}.{i}." for i in range(n)),
                     "original": tuple(f"{o_prefix}.{i}." for i in range(n))}
-        entries += [Entry((name, "blocks") + _path(r.path), r, prefixes) for r in rules_of(cfg)]
+        entries += [Entry((name, "blocks") + tree_path(r.path), r, prefixes) for r in rules_of(cfg)]
     return entries
 
 
@@ -89,6 +85,7 @@ def detect_layout(keys) -> str | None:
     keys = set(keys)
     if "x_embedder.weight" in keys and "time_text_embed.timestep_embedder.linear_1.weight" in keys:
         return "diffusers"
-    if "img_in.weight" in keys and "time_in.in_layer.weight" in keys:
+    # FLUX.2's BFL files also have img_in and time_in; only FLUX.1 has the pooled-vector embedder
+    if "img_in.weight" in keys and "time_in.in_layer.weight" in keys and "vector_in.in_layer.weight" in keys:
         return "original"
     return None

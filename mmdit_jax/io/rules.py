@@ -65,6 +65,12 @@ def linear(path, diffusers, original, **kw):
             rule(f"{path}.bias", [k + ".bias" for k in d], [k + ".bias" for k in o], "vector", **kw)]
 
 
+def tree_path(key: str) -> tuple:
+    """A dotted module path ("blocks.0.attn") as a params-tree path with ints for digits
+    (("blocks", 0, "attn")); outer dots are ignored."""
+    return tuple(int(p) if p.isdigit() else p for p in key.strip(".").split("."))
+
+
 @dataclasses.dataclass(frozen=True)
 class Entry:
     path: tuple

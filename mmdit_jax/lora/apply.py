@@ -12,6 +12,7 @@ in their output columns): one low-rank product per Linear, scanned with its bloc
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import Sequence
 
@@ -21,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.io.rules import tree_path
 from mmdit_jax.layers import Linear
 from mmdit_jax.lora.adapter import LoRA
 
@@ -34,6 +36,7 @@ class LoraLinear(Linear):
 
     def __init__(self, base: Linear, rank: int, dtype, rate: float, with_key: bool):
         self.kernel, self.bias = base.kernel, base.bias
+        self.kernel_scale, self.dot = base.kernel_scale, base.dot  # a quantised base (mmdit_jax.quant)
         self.n_in, self.n_out = base.n_in, base.n_out
         shape = base.kernel.shape
         lead = shape[:len(shape) - self.n_in - self.n_out]
@@ -61,10 +64,6 @@ class LoraLinear(Linear):
         b = b.reshape(b.shape[:1] + k[self.n_in:])
         d = jnp.tensordot(jnp.tensordot(h, a, axes=self.n_in) * self.lora_scale[...].astype(a.dtype), b, axes=1)
         return y + d.astype(y.dtype)
-
-
-def _path(key: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in key.split("."))
 
 
 def _get(tree, path):
@@ -148,29 +147,38 @@ def merge(params, loras: LoRA | Sequence[LoRA], scales=None):
     """params with every adapter's update added into its kernels (pure; jit-able).
 
     The update is formed in float32 (or the adapters' wider dtype) and rounded once into the
-    kernel's dtype, so a bfloat16 base receives one rounding per kernel."""
+    kernel's dtype, so a bfloat16 base receives one rounding per kernel. A quantised kernel (int8 /
+    fp8 with its `kernel_scale`) is dequantised, updated and quantised again with fresh scales."""
     loras, scales = _check(loras, scales)
     out = dict(params)
     for key in _keys(loras):
-        node = _copy_path(out, _path(key))
+        node = _copy_path(out, tree_path(key))
         kernel = node["kernel"]
-        a, b, c = factors(loras, scales, key, _matrix_shape(loras, key, kernel.shape))
+        matrix = _matrix_shape(loras, key, kernel.shape)
+        a, b, c = factors(loras, scales, key, matrix)
         delta = jnp.einsum("...ir,...ro->...io", a * c[..., None, :].astype(a.dtype), b,
                            precision=jax.lax.Precision.HIGHEST).reshape(kernel.shape)
+        if "kernel_scale" in node:
+            from mmdit_jax.quant.model import requantize
+
+            lead, n_in = len(matrix) - 2, kernel.ndim - node["kernel_scale"].ndim
+            node["kernel"], node["kernel_scale"] = requantize(kernel, node["kernel_scale"], delta,
+                                                              tuple(range(lead, lead + n_in)))
+            continue
         wide = jnp.promote_types(kernel.dtype, delta.dtype)
         node["kernel"] = (kernel.astype(wide) + delta.astype(wide)).astype(kernel.dtype)
     return out
 
 
 @functools.lru_cache(maxsize=32)
-def _structure(config, dtype, spec, rate):
+def _structure(config, dtype, spec, rate, quantize=None):
     """The model's structure with `LoraLinear`s at the adapted paths."""
     from mmdit_jax.structure import Structure
     from mmdit_jax.transformer import abstract_module
 
-    module = abstract_module(config, dtype)
+    module = abstract_module(config, dtype, quantize)
     for key, rank, adapter_dtype, with_key in spec:
-        path = _path(key)
+        path = tree_path(key)
         parent = module
         for p in path[:-1]:
             parent = parent[p] if isinstance(p, int) else getattr(parent, p)
@@ -189,18 +197,19 @@ def _as_key(rng):
 
 def apply_lora(model, params, loras: LoRA | Sequence[LoRA], latents, sigma, context, pooled,
                guidance=None, *, scales=None, merged: bool = False, dropout: float = 0.0, rng=None,
-               remat: str = "none"):
+               remat: str = "none", references=None):
     """The model's velocity with adapters; `model` is a `Transformer` (its config and dtype are used),
     `params` its (possibly bfloat16, possibly sharded) base params.
 
     merged=True folds the adapters into the kernels first (sampling); otherwise they act on the
-    activations, with dropout `dropout` on each adapter's input when `rng` is given (training)."""
+    activations, with dropout `dropout` on each adapter's input when `rng` is given (training).
+    `references`: FLUX.2's reference latents, as `Transformer.apply` takes them."""
     loras, scales = _check(loras, scales)
     if merged:
         if rng is not None and dropout > 0:
             raise MMDiTError("LoRA dropout needs the unmerged form (merged=False)")
         return model.apply(merge(params, loras, scales), latents, sigma, context, pooled, guidance,
-                           remat=remat)
+                           remat=remat, references=references)
     if not 0.0 <= dropout < 1.0:
         raise MMDiTError(f"LoRA dropout {dropout!r} must be in [0, 1)")
     drop = rng is not None and dropout > 0
@@ -208,7 +217,7 @@ def apply_lora(model, params, loras: LoRA | Sequence[LoRA], latents, sigma, cont
     aug = dict(params)
     spec = []
     for i, key in enumerate(keys):
-        node = _copy_path(aug, _path(key))
+        node = _copy_path(aug, tree_path(key))
         matrix = _matrix_shape(loras, key, node["kernel"].shape)
         a, b, c = factors(loras, scales, key, matrix)
         node.update(lora_a=a, lora_b=b, lora_scale=c)
@@ -218,5 +227,12 @@ def apply_lora(model, params, loras: LoRA | Sequence[LoRA], latents, sigma, cont
             k = jax.random.split(k, lead[0]) if lead else k
             node["lora_key"] = jax.random.key_data(k)
         spec.append((key, a.shape[-1], jnp.dtype(a.dtype).name, drop))
-    structure = _structure(model.config, model.dtype, tuple(spec), float(dropout) if drop else 0.0)
-    return structure.module(aug)(latents, sigma, context, pooled, guidance, remat=remat)
+    structure = _structure(model.config, model.dtype, tuple(spec), float(dropout) if drop else 0.0,
+                           getattr(model, "quantize", None))
+    module = structure.module(aug)
+    kw = {}
+    if references is not None:
+        if "references" not in inspect.signature(type(module).__call__).parameters:
+            raise MMDiTError(f"references are supported for FLUX.2 models, not {model.config.family}")
+        kw["references"] = list(references)
+    return module(latents, sigma, context, pooled, guidance, remat=remat, **kw)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.families import family_named, family_of_config
 from mmdit_jax.io.safetensors_io import TensorFile, save_file
 from mmdit_jax.lora import targets as tg
 from mmdit_jax.lora.adapter import LoRA, Part
@@ -181,7 +182,7 @@ def _fuse_shared_a(weights, parts):
 
 def load_lora(path, model, dtype="float32") -> LoRA:
     """A LoRA .safetensors file (any layout above) for `model` (a Transformer or its config)."""
-    from mmdit_jax.transformer import parse_dtype
+    from mmdit_jax.dtypes import parse_dtype
 
     f = TensorFile(str(path))
     return read_lora(f, model, f.metadata, origin=str(path), dtype=parse_dtype(dtype))
@@ -283,7 +284,7 @@ def lora_tensors(lora: LoRA, model, format: str = "diffusers"):
     cfg = _config_of(model)
     if format not in FORMATS:
         raise MMDiTError(f"LoRA format {format!r}: expected one of {FORMATS}")
-    if lora.family != cfg.family:
+    if family_named(lora.family) is not family_of_config(cfg):
         raise MMDiTError(f"a {lora.family} LoRA cannot be written for a {cfg.family} model")
     if format == "diffusers":
         return _diffusers_tensors(lora, cfg)

@@ -16,10 +16,14 @@ from mmdit_jax.errors import MMDiTError
 from mmdit_jax.families import family_of_config
 from mmdit_jax.io.rules import kind_of
 
-CATEGORIES = ("attn", "mlp", "mod", "embed")
-_ATTN = re.compile(r"(^|\.)(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0|to_add_out)$")
-_MLP = re.compile(r"(^|\.)(ff|ff_context)\.net\.(0\.proj|2)$|(^|\.)(proj_mlp|proj_out)$")
-_MOD = re.compile(r"(^|\.)(norm1|norm1_context|norm|norm_out)\.linear$")
+# FLUX.2: single blocks fuse q, k, v and the MLP input in attn.to_qkv_mlp_proj (counted as attention, as
+# q, k and v are FLUX.1's) and the outputs in attn.to_out; feed-forwards are ff.linear_in / linear_out;
+# the modulations are shared by all blocks, outside them
+_ATTN = re.compile(r"(^|\.)(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0|to_add_out|to_qkv_mlp_proj)$")
+_MLP = re.compile(r"(^|\.)(ff|ff_context)\.(net\.(0\.proj|2)|linear_in|linear_out)$|(^|\.)(proj_mlp|proj_out)$"
+                  r"|^attn\.to_out$")
+_MOD = re.compile(r"(^|\.)(norm1|norm1_context|norm|norm_out)\.linear$"
+                  r"|^(double_stream_modulation_img|double_stream_modulation_txt|single_stream_modulation)\.linear$")
 
 
 @dataclasses.dataclass(frozen=True)

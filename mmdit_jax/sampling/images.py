@@ -36,14 +36,3 @@ def read_png_metadata(path: str) -> dict:
             return dict(im.text)
     except (OSError, AttributeError) as e:
         raise MMDiTError(f"{path}: not a readable PNG ({e})") from None
-
-
-def load_image(path: str):
-    """An RGB image file as (H, W, 3) float32 in [0, 1]."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), np.float32) / 255.0
-    except (OSError, ValueError) as e:
-        raise MMDiTError(f"{path}: cannot read image ({e})") from None

@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mmdit_jax.io import paths
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.families import family_named, family_of_config
 from mmdit_jax.progress import Progress, step_line
 from mmdit_jax.sampling import schedules, solvers
 from mmdit_jax.sampling.denoise import make_denoise
@@ -29,12 +30,12 @@ from mmdit_jax.sampling.images import to_pil
 
 SCHEDULES = ("diffusers", "bfl")
 OUTPUT_TYPES = ("pil", "np", "latent")
-FLUX_DEFAULT_SAMPLE_SIZE = 128  # FluxPipeline.default_sample_size (latent pixels)
 
 
 @dataclasses.dataclass(frozen=True)
 class Defaults:
-    """What the family's diffusers pipeline uses when an argument is None."""
+    """What the family's diffusers pipeline uses when an argument is None (`Family.sampling`), or what
+    the folder's model_index.json `_sampling_defaults` sets (see `_folder_defaults`)."""
     num_inference_steps: int = 28
     guidance_scale: float = 7.0
     max_sequence_length: int = 256
@@ -53,18 +54,20 @@ class Pipeline:
         self.transformer, self.vae, self.text_encoders, self.scheduler = transformer, vae, text_encoders, scheduler
         self.name = name
         cfg = transformer.config
-        self.family = cfg.family
+        self.family = cfg.family  # its name; `_family` the `Family`
+        self._family = fam = family_of_config(cfg)
+        if fam.sampling is None:
+            raise MMDiTError(f"{name or cfg.family}: mj.Pipeline does not sample {cfg.family} models yet; "
+                             "load_transformer, load_vae and load_text_encoders read them")
         self.latent_channels = getattr(cfg, "latent_channels", None) or cfg.in_channels
         self.vae_scale_factor = vae.config.downsample_factor
         if vae.config.latent_channels != self.latent_channels:
             raise MMDiTError(f"{name}: the VAE has {vae.config.latent_channels} latent channels but the "
                              f"transformer takes {self.latent_channels}")
-        if self.family == "sd3":
-            self.patch = cfg.patch_size
-            self.defaults = Defaults(28, 7.0, 256, cfg.sample_size)
-        else:
-            self.patch = 2  # FLUX packs 2x2 latent pixels into a token
-            self.defaults = Defaults(28, 3.5, 512, FLUX_DEFAULT_SAMPLE_SIZE)
+        self.patch = fam.latent_patch(cfg)
+        s = fam.sampling
+        self.defaults = Defaults(s.num_inference_steps, s.guidance_scale, s.max_sequence_length,
+                                 cfg.sample_size if s.sample_size is None else s.sample_size)
         self.has_guidance_embed = bool(getattr(cfg, "guidance_embed", False))
         self.progress = Progress(line=step_line)
         # a given mesh shards the transformer by the logical rules (FSDP / tensor / sequence); by default
@@ -95,10 +98,11 @@ class Pipeline:
         self.transformer.params = self._tparams = tparams
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, mesh=None) -> "Pipeline":
+    def from_pretrained(cls, path, dtype=None, mesh=None, quantize=None) -> "Pipeline":
         """Transformer, VAE, text encoders and scheduler config of a model folder. `dtype` None: bfloat16
         on GPU/TPU, float32 on CPU (`mmdit_jax.transformer.default_dtype`). `mesh`: see the module
-        docstring; the transformer's parameters are then read straight into their shards."""
+        docstring; the transformer's parameters are then read straight into their shards. `quantize`
+        "int8" | "fp8": the transformer's block kernels stored quantised (`load_transformer`)."""
         from mmdit_jax.text import load_text_encoders
         from mmdit_jax.transformer import default_dtype, load_transformer
         from mmdit_jax.vae import load_vae
@@ -109,14 +113,16 @@ class Pipeline:
             raise MMDiTError(f"{path}: no such model folder")
         scheduler = schedules.read_scheduler_config(path)
         mesh = None if mesh is None else as_mesh(mesh)
-        transformer = load_transformer(path, dtype, mesh=mesh)
+        transformer = load_transformer(path, dtype, mesh=mesh, quantize=quantize)
+        if family_of_config(transformer.config).sampling is None:  # before the VAE and encoders load
+            cls(transformer, None, None, None, name=path)
         vae = load_vae(path, dtype)
         text = load_text_encoders(path, dtype, mesh=mesh)
-        if text.family != transformer.config.family:
+        if family_named(text.family) is not family_of_config(transformer.config):
             raise MMDiTError(f"{path}: text encoders are {text.family}'s but the transformer is "
                              f"{transformer.config.family}")
         pipe = cls(transformer, vae, text, scheduler, name=path, mesh=mesh)
-        pipe.defaults = _folder_defaults(path, pipe.defaults, pipe.vae_scale_factor)
+        pipe.defaults = _folder_defaults(path, pipe.defaults)
         return pipe
 
     def fuse_lora(self, loras, scales=None) -> "Pipeline":
@@ -171,7 +177,7 @@ class Pipeline:
             raise MMDiTError(f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
         if sigmas is not None and n_steps is not None and len(sigmas) != n_steps:
             raise MMDiTError(f"{len(sigmas)} sigmas for num_inference_steps={n_steps}")
-        if self.family == "flux":
+        if self._family.sampling.linspace_sigmas_with_mu:
             # FluxPipeline always passes linspace(1, 1/N, N) sigmas and mu
             if sigmas is None:
                 sigmas = np.linspace(1.0, 1 / n_steps, n_steps)
@@ -184,14 +190,15 @@ class Pipeline:
 
     def _guidance_mode(self, guidance_scale, true_cfg_scale, neg, slg):
         """(cfg on?, cfg scale, embedded guidance or None, skip-layer guidance or None)."""
-        if self.family == "sd3" and not self.has_guidance_embed:
+        s = self._family.sampling
+        if s.guidance_scale_is_cfg and not self.has_guidance_embed:
             cfg_on = guidance_scale > 1.0
             if slg is not None and not cfg_on:
                 slg = None  # diffusers applies skip-layer guidance inside its CFG branch only
             return cfg_on, float(guidance_scale), None, slg
         if slg is not None:
             raise MMDiTError("skip-layer guidance is for SD3-family models sampled with CFG (this model "
-                             "has a guidance embedder)" if self.family == "sd3" else
+                             "has a guidance embedder)" if s.skip_layer_guidance else
                              "skip-layer guidance is for SD3-family models")
         cfg_on = true_cfg_scale > 1.0 and neg is not None
         return cfg_on, float(true_cfg_scale), (float(guidance_scale) if self.has_guidance_embed else None), None
@@ -226,7 +233,7 @@ class Pipeline:
                                   max_sequence_length)
         n = len(sigmas) - 1
         sigma_in = sigmas[:-1]
-        if self.family == "flux":
+        if self._family.sampling.sigma_through_timesteps:
             # FluxPipeline feeds timestep / 1000 with timestep = float32(sigma * 1000)
             sigma_in = schedules.timesteps_of(sigmas) / np.float32(1000)
         steps = dict(solvers.step_table(sampler, sigmas), sigma=sigmas[:-1].astype(np.float32),
@@ -333,25 +340,36 @@ class Pipeline:
                               sampler, slg, progress, output_type)
 
 
-def _folder_defaults(path: str, defaults: Defaults, vae_factor: int) -> Defaults:
-    """`defaults` with what a toy pipeline folder's toy.json fixes (no diffusers config holds these):
-    the T5 length it was trained with (the context changes with it: T5 has no attention mask) and its
-    image side."""
-    import json
+# A pipeline folder may set its own sampling defaults in model_index.json under this key (any of
+# `Defaults`' fields; sample_size in latent pixels). diffusers fixes these in each pipeline's code and no
+# diffusers config holds them; model_index.json is the one file every pipeline folder has, diffusers
+# skips its "_" keys, and a training workdir keeps its base's, so a folder that needs other defaults
+# (a small model trained at one image side and T5 length) carries them to every sampler.
+SAMPLING_DEFAULTS_KEY = "_sampling_defaults"
 
-    toy = os.path.join(path, "toy.json")
-    if not os.path.isfile(toy):
+
+def _folder_defaults(path: str, defaults: Defaults) -> Defaults:
+    """`defaults` with what the folder's model_index.json `_sampling_defaults` sets."""
+    from mmdit_jax.io.sources import read_json
+
+    index = os.path.join(path, "model_index.json")
+    folder_index = read_json(index) if os.path.isfile(index) else None
+    raw = folder_index.get(SAMPLING_DEFAULTS_KEY) if isinstance(folder_index, dict) else None
+    if raw is None:
         return defaults
-    try:
-        with open(toy) as f:
-            raw = json.load(f)
-        n, side = int(raw["max_sequence_length"]), int(raw["resolution"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise MMDiTError(f"{toy}: unreadable ({type(e).__name__}: {e})") from None
-    if n < 1 or side < 1 or side % vae_factor:
-        raise MMDiTError(f"{toy}: max_sequence_length {n} / resolution {side} not usable with VAE factor "
-                         f"{vae_factor}")
-    return dataclasses.replace(defaults, max_sequence_length=n, sample_size=side // vae_factor)
+    where = f"{index}: {SAMPLING_DEFAULTS_KEY}"
+    if not isinstance(raw, dict):
+        raise MMDiTError(f"{where} must be an object of {', '.join(f.name for f in dataclasses.fields(Defaults))}")
+    fields = {f.name: f.type for f in dataclasses.fields(Defaults)}
+    out = {}
+    for name, value in raw.items():
+        if name not in fields:
+            raise MMDiTError(f"{where}: unknown setting {name!r}; known: {', '.join(fields)}")
+        number = (int, float) if fields[name] == "float" else (int,)
+        if isinstance(value, bool) or not isinstance(value, number) or value <= 0:
+            raise MMDiTError(f"{where}: {name} must be a positive {fields[name]}, got {value!r}")
+        out[name] = value
+    return dataclasses.replace(defaults, **out)
 
 
 def as_mesh(mesh):

@@ -11,11 +11,12 @@ from jax.ad_checkpoint import checkpoint_name
 
 from mmdit_jax.attention import attention
 from mmdit_jax.errors import MMDiTError
-from mmdit_jax.layers import (Buffer, FinalLayer, Linear, MLP, MLPEmbedder, Modulation, RMSNorm,
+from mmdit_jax.layers import (Buffer, FinalLayer, Linear, MLP, MLPEmbedder, Modulation, ModulationOut, RMSNorm,
                               layer_norm, merge_heads, modulate, split_heads, timestep_embedding)
 from mmdit_jax.sd3.config import MMDiTConfig
 from mmdit_jax.sharding import TOKENS, constrain
 from mmdit_jax.stacking import Stack
+from mmdit_jax.sd3.control_residuals import residual_after
 
 
 
@@ -67,9 +68,9 @@ class Stream(nnx.Module):
             self.proj = Linear(d, d, axes=("heads", "embed"), param_dtype=param_dtype, rngs=rngs)
             self.mlp = MLP(d, cfg.mlp_hidden, param_dtype=param_dtype, rngs=rngs)
 
-    def update(self, x, attn_out, shift_mlp, scale_mlp, gate_msa, gate_mlp):
-        x = x + gate_msa[:, None] * self.proj(merge_heads(attn_out))
-        return x + gate_mlp[:, None] * self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp))
+    def update(self, x, attn_out, msa: ModulationOut, mlp: ModulationOut):
+        x = x + msa.gate[:, None] * self.proj(merge_heads(attn_out))
+        return x + mlp.gate[:, None] * self.mlp(modulate(layer_norm(x), mlp.shift, mlp.scale))
 
 
 class SelfAttention(nnx.Module):
@@ -97,25 +98,26 @@ class JointBlock(nnx.Module):
 
     def __call__(self, carry, mods):
         ctx, x = (constrain(t, TOKENS) for t in carry)  # tokens split over "sequence" when it is > 1
-        # x chunks: shift/scale/gate (msa), shift/scale/gate (mlp)[, shift/scale/gate (msa2)]
-        xm = self.x_block.mod.split(mods[0])
-        cm = self.context_block.mod.split(mods[1])
+        # x groups: attention, MLP[, attn2]; context: attention, MLP (attention's shift/scale only if pre_only)
+        x_msa, x_mlp, *x_msa2 = self.x_block.mod.split(mods[0])
+        c_msa, *c_mlp = self.context_block.mod.split(mods[1])
         x_norm = layer_norm(x)
-        qx, kx, vx = self.x_block.attn(modulate(x_norm, xm[0], xm[1]))
-        qc, kc, vc = self.context_block.attn(modulate(layer_norm(ctx), cm[0], cm[1]))
+        qx, kx, vx = self.x_block.attn(modulate(x_norm, x_msa.shift, x_msa.scale))
+        qc, kc, vc = self.context_block.attn(modulate(layer_norm(ctx), c_msa.shift, c_msa.scale))
         n_ctx = ctx.shape[1]
         out = attention(jnp.concatenate([qc, qx], 1), jnp.concatenate([kc, kx], 1),
                         jnp.concatenate([vc, vx], 1))
         out = checkpoint_name(out, "attn_out")
         out_c, out_x = out[:, :n_ctx], out[:, n_ctx:]
 
-        new_x = x + xm[2][:, None] * self.x_block.proj(merge_heads(out_x))
+        new_x = x + x_msa.gate[:, None] * self.x_block.proj(merge_heads(out_x))
         if self.dual:
             # attn2 sees x before the joint-attention update, with its own modulation
-            new_x = new_x + xm[8][:, None] * self.attn2(modulate(x_norm, xm[6], xm[7]))
-        new_x = new_x + xm[5][:, None] * self.x_block.mlp(modulate(layer_norm(new_x), xm[3], xm[4]))
+            (m2,) = x_msa2
+            new_x = new_x + m2.gate[:, None] * self.attn2(modulate(x_norm, m2.shift, m2.scale))
+        new_x = new_x + x_mlp.gate[:, None] * self.x_block.mlp(modulate(layer_norm(new_x), x_mlp.shift, x_mlp.scale))
         if not self.pre_only:
-            ctx = self.context_block.update(ctx, out_c, cm[3], cm[4], cm[2], cm[5])
+            ctx = self.context_block.update(ctx, out_c, c_msa, c_mlp[0])
         return constrain(ctx, TOKENS), constrain(new_x, TOKENS)
 
 
@@ -147,8 +149,10 @@ class MMDiT(nnx.Module):
         return table[top:top + h, left:left + w].reshape(h * w, -1)
 
     def __call__(self, latents, sigma, context, pooled, guidance=None, *, remat: str = "none",
-                 skip_layers: tuple[int, ...] = ()):
-        """`skip_layers`: indices of joint blocks to bypass (diffusers' skip-layer guidance)."""
+                 skip_layers: tuple[int, ...] = (), controlnet_block_samples=None):
+        """`skip_layers`: indices of joint blocks to bypass (diffusers' skip-layer guidance).
+        `controlnet_block_samples`: ControlNet residuals, (K, B, N, D) or K arrays (B, N, D), added to
+        the image stream after the blocks as diffusers does (see sd3.controlnet.residual_after)."""
         cfg = self.config
         if guidance is not None and not cfg.guidance_embed:
             raise MMDiTError("this SD3-family model has no guidance embedder; pass guidance=None "
@@ -176,9 +180,12 @@ class MMDiT(nnx.Module):
         bad = [i for i in skip_layers if not 0 <= i < cfg.num_layers]
         if bad:
             raise MMDiTError(f"skip_layers {bad} outside blocks 0..{cfg.num_layers - 1}")
-        for group, (_, idx) in zip(self.groups, cfg.groups()):
+        residuals = residual_after(cfg, controlnet_block_samples, x.shape)
+        for group, (kind, idx) in zip(self.groups, cfg.groups()):
             skip = [i in skip_layers for i in idx] if skip_layers else None
-            ctx, x = group((ctx, x), cond=c, remat=remat, skip=skip)
+            after = residuals(kind, idx)
+            out = group((ctx, x), cond=c, remat=remat, skip=skip, after=after)
+            ctx, x = out if after is None else out[0]
         # whole over "tensor" here too: the final layer's split adaLN would otherwise pull the scan's
         # carry apart
         x = self.final_layer(constrain(x, TOKENS), c)

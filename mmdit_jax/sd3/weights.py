@@ -1,12 +1,8 @@
 """SD3 checkpoint layouts (diffusers and SAI original) <-> the internal MMDiT parameter tree."""
 from __future__ import annotations
 
-from mmdit_jax.io.rules import Entry, linear, rule
+from mmdit_jax.io.rules import Entry, linear, rule, tree_path
 from mmdit_jax.sd3.config import MMDiTConfig
-
-# SAI single files prefix the network with this; bare keys are accepted too.
-ORIGINAL_PREFIX = "model.diffusion_model."
-
 
 def _qkv(path, d_mod, d_names, o_mod):
     # stored (in, 3, width): see QKV
@@ -72,20 +68,16 @@ GUIDANCE_RULES = [
 ]
 
 
-def _path(s: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in s.split("."))
-
-
 def plan(cfg: MMDiTConfig) -> list[Entry]:
     """Every internal parameter of `MMDiT(cfg)` with its external keys."""
     rules = TOP_RULES + (GUIDANCE_RULES if cfg.guidance_embed else [])
-    entries = [Entry(_path(r.path), r) for r in rules]
+    entries = [Entry(tree_path(r.path), r) for r in rules]
     for g, ((dual, pre_only), idx) in enumerate(cfg.groups()):
         rules = block_rules(dual, pre_only) + (qk_norm_rules(dual) if cfg.qk_norm else [])
         prefixes = {"diffusers": tuple(f"transformer_blocks.{i}." for i in idx),
                     "original": tuple(f"joint_blocks.{i}." for i in idx)}
         for r in rules:
-            entries.append(Entry(("groups", g, "blocks") + _path(r.path), r, prefixes))
+            entries.append(Entry(("groups", g, "blocks") + tree_path(r.path), r, prefixes))
     return entries
 
 

@@ -21,12 +21,12 @@ from flax import nnx
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.io import orbax_io, rules
 from mmdit_jax.io.component import ComponentWeights
-from mmdit_jax.io.rules import Entry, Rule
+from mmdit_jax.io.rules import Entry, Rule, tree_path
 from mmdit_jax.io.sources import open_component
 from mmdit_jax.text.clip import ACTIVATIONS, CLIPText, CLIPTextConfig
 from mmdit_jax.text.t5 import T5Config, T5Encoder
 from mmdit_jax.structure import Structure
-from mmdit_jax.transformer import parse_dtype
+from mmdit_jax.dtypes import parse_dtype
 
 LAYOUT = "transformers"
 # SD3 single files bundle the text encoders under these prefixes.
@@ -38,14 +38,10 @@ def _rule(path: str, key: str, kind: str = "vector") -> Rule:
     return Rule(path, {LAYOUT: (key,)}, kind)
 
 
-def _path(s: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in s.split("."))
-
-
 def _plan(top, layer, layer_prefix: str, n: int) -> list[Entry]:
-    entries = [Entry(_path(r.path), r) for r in top]
+    entries = [Entry(tree_path(r.path), r) for r in top]
     prefixes = {LAYOUT: tuple(layer_prefix.format(i) for i in range(n))}
-    entries += [Entry(("layers", "blocks") + _path(r.path), r, prefixes) for r in layer]
+    entries += [Entry(("layers", "blocks") + tree_path(r.path), r, prefixes) for r in layer]
     return entries
 
 

@@ -126,7 +126,3 @@ def aggregate(results: list[dict[str, bool]]) -> dict[str, float]:
     if not results:
         raise ValueError("no results to aggregate")
     return {k: float(np.mean([r[k] for r in results])) for k in results[0]}
-
-
-def score_all(images, specs) -> dict[str, float]:
-    return aggregate([score(im, sp) for im, sp in zip(images, specs, strict=True)])

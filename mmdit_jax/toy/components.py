@@ -9,8 +9,10 @@ text_encoder*/, transformer/, vae/) that the library's loaders read like any rel
 - a parameter-free pixel-space VAE (space-to-depth) described by vae/config.json;
 - a small randomly initialised transformer (SD3 layout, or FLUX layout for variant="flux") saved in
   the diffusers layout through the same key plans as the converters;
-- toy.json: what the trainer and sampler must agree on that no diffusers config holds (resolution and
-  the T5 sequence length, which changes the context without an attention mask).
+- sampling defaults in model_index.json (`_sampling_defaults`, read by mj.Pipeline): what the trainer and
+  sampler must agree on that no diffusers config holds (the image side and the T5 sequence length,
+  which changes the context without an attention mask);
+- toy.json: the ToyConfig the folder was written with.
 The folder is written aside and renamed into place, so an interrupted call leaves nothing that looks
 complete.
 """
@@ -25,12 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mmdit_jax.io import paths
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.families import family_named
 from mmdit_jax.flux.config import FluxConfig
-from mmdit_jax.io import rules
+from mmdit_jax.io import paths, rules
 from mmdit_jax.io.files import atomic_folder, write_json
 from mmdit_jax.io.safetensors_io import save_file
+from mmdit_jax.sampling.pipeline import SAMPLING_DEFAULTS_KEY
 from mmdit_jax.sd3.config import MMDiTConfig
 from mmdit_jax.text import weights as text_weights
 from mmdit_jax.text.clip import CLIPText, CLIPTextConfig
@@ -173,15 +176,17 @@ def _model_index(cfg: ToyConfig) -> dict:
     common = {"_diffusers_version": DIFFUSERS_VERSION,
               "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
               "vae": ["mmdit_jax", "PixelSpaceVAE"], "tokenizer": t("CLIPTokenizer")}
+    fam = family_named(cfg.variant)
+    common.update({"_class_name": fam.pipelines.text_to_image, "transformer": ["diffusers", fam.diffusers_class],
+                   SAMPLING_DEFAULTS_KEY: {"sample_size": cfg.latent_size,
+                                           "max_sequence_length": cfg.max_sequence_length}})
     if cfg.variant == "sd3":
-        return {**common, "_class_name": "StableDiffusion3Pipeline",
-                "transformer": ["diffusers", "SD3Transformer2DModel"],
+        return {**common,
                 "text_encoder": t("CLIPTextModelWithProjection"), "text_encoder_2": t("CLIPTextModelWithProjection"),
                 "text_encoder_3": t("T5EncoderModel"), "tokenizer_2": t("CLIPTokenizer"),
                 "tokenizer_3": t("T5TokenizerFast"), "image_encoder": [None, None],
                 "feature_extractor": [None, None]}
-    return {**common, "_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"],
-            "text_encoder": t("CLIPTextModel"), "text_encoder_2": t("T5EncoderModel"),
+    return {**common, "text_encoder": t("CLIPTextModel"), "text_encoder_2": t("T5EncoderModel"),
             "tokenizer_2": t("T5TokenizerFast"), "image_encoder": [None, None],
             "feature_extractor": [None, None]}
 

@@ -1,14 +1,17 @@
-"""The toy world's trainer hooks: base makers "toy" (SD3 layout) and "toy-flux" (FLUX layout), and the
-"toy" evaluation (held-out prompts sampled through mj.Pipeline from the workdir, scored by the checker).
+"""The toy world's trainer hooks: base makers "toy" (SD3 layout) and "toy-flux" (FLUX layout), the "toy"
+data kind (the procedural dataset, encoded on the fly) and the "toy" evaluation (held-out prompts sampled
+through mj.Pipeline from the workdir, scored by the checker).
 
-Imported by training.hooks on demand; registering is its only side effect.
+Imported by mmdit_jax.plugins on the first registry lookup; registering is its only side effect.
 """
 from __future__ import annotations
 
 import dataclasses
 import sys
 
+from mmdit_jax.data.pipeline import register_source
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.families import family_of_config
 from mmdit_jax.io import paths
 from mmdit_jax.training import hooks
 
@@ -23,14 +26,21 @@ def _maker(variant: str):
         unknown = sorted(set(options) - names)
         if unknown:
             raise MMDiTError(f"--set=base.options: unknown toy settings {unknown}; known: {sorted(names)}")
-        # the data config decides image size and T5 length; the pipeline records them in toy.json so
-        # sampling from the workdir uses the same ones
+        # the data config decides image size and T5 length; the pipeline records them as its sampling
+        # defaults (model_index.json) so sampling from the workdir uses the same ones
         toy = ToyConfig(variant=variant, resolution=cfg.data.resolution,
                         max_sequence_length=cfg.data.max_sequence_length or ToyConfig.max_sequence_length,
                         **options)
         write_toy_pipeline(folder, config=toy, seed=seed)
 
     return make
+
+
+def toy_source(resolution: int, seed: int):
+    """The procedural toy dataset (grain random-access source of {image uint8 (R, R, 3), caption})."""
+    from mmdit_jax.toy.dataset import ToyShapes
+
+    return ToyShapes(resolution=resolution, seed=seed)
 
 
 def evaluate_toy(cfg, workdir: str, out=sys.stdout) -> dict:
@@ -47,7 +57,7 @@ def evaluate_toy(cfg, workdir: str, out=sys.stdout) -> dict:
     specs = held_out_specs()
     if ev.max_prompts:
         specs = specs[:ev.max_prompts]
-    if pipe.family == "sd3":
+    if family_of_config(pipe.transformer.config).sampling.guidance_scale_is_cfg:
         kw = dict(guidance_scale=ev.guidance)
     else:  # FLUX layout without a guidance embedder: true CFG against the empty caption, as trained
         kw = dict(negative_prompt="", true_cfg_scale=ev.guidance)
@@ -72,3 +82,5 @@ def evaluate_toy(cfg, workdir: str, out=sys.stdout) -> dict:
 hooks.register_base_maker("toy", _maker("sd3"))
 hooks.register_base_maker("toy-flux", _maker("flux"))
 hooks.register_evaluator("toy", evaluate_toy)
+# looked up at call time, so a test can stand in for the dataset
+register_source("toy", lambda resolution, seed: toy_source(resolution, seed))

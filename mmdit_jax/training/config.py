@@ -1,8 +1,10 @@
-"""Training configuration: frozen dataclasses, a presets registry, and `--set key=value` overrides.
+"""Training configuration: frozen dataclasses that validate themselves, presets, and `--set` overrides.
 
-A config is chosen by `--config=NAME` (a registered preset) or `--config=path/to/file.py` (a Python
-file defining `get_config()` that returns a TrainConfig); `--set=section.field=value` then replaces any
-field (repeatable). Every value is checked by `validate` before any work starts.
+A config is chosen by `--config=NAME` (a preset: mmdit_jax/configs/NAME.py with dashes and dots as
+underscores, or one registered with `register_preset`) or `--config=path/to/file.py` (a Python file
+defining `get_config()` that returns a TrainConfig); `--set=section.field=value` then replaces any field
+(repeatable). Each section checks its own fields when built; `validate` adds the checks that span
+sections or look at registries and files, before any work starts.
 """
 from __future__ import annotations
 
@@ -12,12 +14,25 @@ import json
 import math
 import os
 import typing
-from typing import Callable
-
-from mmdit_jax.errors import MMDiTError
-from mmdit_jax.io import paths
+from typing import Callable, ClassVar
 
 from mmdit_jax.data.config import DataConfig
+from mmdit_jax.errors import MMDiTError
+from mmdit_jax.io import paths
+from mmdit_jax.lora.adapter import LoraConfig
+
+SAMPLERS = ("uniform", "logit_normal", "mode", "cosmap")
+SHIFTS = ("none", "fixed", "resolution", "flux")
+WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+SCHEDULES = ("constant", "cosine")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+CONFIGS_PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def need(ok: bool, key: str, why: str, got) -> None:
+    """Raises MMDiTError naming the field as its --set key."""
+    if not ok:
+        raise MMDiTError(f"--set={key}: {why} (got {got!r})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +44,17 @@ class ModelConfig:
     pretrained: str | None = None
     compute_dtype: str = "bfloat16"  # activations and matmuls; master weights stay float32
     remat: str = "none"  # stacking.REMAT_POLICIES
+
+    def __post_init__(self):
+        from mmdit_jax.stacking import REMAT_POLICIES
+
+        if self.preset is not None:
+            from mmdit_jax.families import preset
+
+            preset(self.preset)  # raises with the list of known presets
+        need(self.compute_dtype in COMPUTE_DTYPES, "model.compute_dtype", f"one of {COMPUTE_DTYPES}",
+             self.compute_dtype)
+        need(self.remat in REMAT_POLICIES, "model.remat", f"one of {sorted(REMAT_POLICIES)}", self.remat)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,11 +70,26 @@ class OptimConfig:
     clip_norm: float = 1.0  # global gradient norm; 0 disables
     grad_accum: int = 1  # microbatches per optimizer step (the batch is split, scanned, averaged)
 
+    def __post_init__(self):
+        need(self.lr > 0 and math.isfinite(self.lr), "optim.lr", "must be a positive number", self.lr)
+        need(0 <= self.b1 < 1, "optim.b1", "must be in [0, 1)", self.b1)
+        need(0 <= self.b2 < 1, "optim.b2", "must be in [0, 1)", self.b2)
+        need(self.eps > 0, "optim.eps", "must be positive", self.eps)
+        need(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0", self.weight_decay)
+        need(self.schedule in SCHEDULES, "optim.schedule", f"one of {SCHEDULES}", self.schedule)
+        need(0 <= self.warmup_steps, "optim.warmup_steps", "must be >= 0", self.warmup_steps)
+        need(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]", self.min_lr_ratio)
+        need(self.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 disables clipping)", self.clip_norm)
+        need(self.grad_accum >= 1, "optim.grad_accum", "must be >= 1", self.grad_accum)
+
 
 @dataclasses.dataclass(frozen=True)
 class EMAConfig:
     decay: float = 0.9999  # 0 disables EMA
     warmup: bool = True  # decay_t = min(decay, (1 + t) / (10 + t)) as in diffusers' EMAModel
+
+    def __post_init__(self):
+        need(0 <= self.decay < 1, "ema.decay", "must be in [0, 1) (0 disables EMA)", self.decay)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +107,19 @@ class TimestepConfig:
     base_seq_len: int = 256
     max_seq_len: int = 4096
 
+    def __post_init__(self):
+        need(self.sampler in SAMPLERS, "timesteps.sampler", f"one of {SAMPLERS}", self.sampler)
+        need(self.logit_std > 0, "timesteps.logit_std", "must be positive", self.logit_std)
+        # mode sampling is a monotone map of u (a valid density) only for scale in [-1, 2/(pi-2)]
+        need(-1 <= self.mode_scale <= 2 / (math.pi - 2), "timesteps.mode_scale", "must be in [-1, 1.75]",
+             self.mode_scale)
+        need(self.shift in SHIFTS, "timesteps.shift", f"one of {SHIFTS}", self.shift)
+        need(self.shift_value > 0, "timesteps.shift_value", "must be positive", self.shift_value)
+        need(self.reference_resolution > 0, "timesteps.reference_resolution", "must be positive",
+             self.reference_resolution)
+        need(self.max_seq_len > self.base_seq_len > 0, "timesteps.max_seq_len", "must exceed base_seq_len > 0",
+             self.max_seq_len)
+
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
@@ -74,12 +128,22 @@ class LossConfig:
     caption_dropout: float = 0.0  # whole caption replaced by the empty caption's encoding (CFG)
     guidance: float = 1.0  # fed to a guidance embedder (FLUX.1-dev) when the model has one
 
+    def __post_init__(self):
+        need(self.weighting in WEIGHTINGS, "loss.weighting", f"one of {WEIGHTINGS}", self.weighting)
+        need(0 <= self.encoder_dropout <= 1, "loss.encoder_dropout", "must be a probability", self.encoder_dropout)
+        need(0 <= self.caption_dropout <= 1, "loss.caption_dropout", "must be a probability", self.caption_dropout)
+        need(self.guidance >= 0, "loss.guidance", "must be >= 0", self.guidance)
+
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 1000
     keep: int = 3
     async_save: bool = True
+
+    def __post_init__(self):
+        need(self.every >= 1, "checkpoint.every", "must be >= 1", self.every)
+        need(self.keep >= 1, "checkpoint.keep", "must be >= 1", self.keep)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +157,14 @@ class LogConfig:
     sample_guidance: float = 4.0
     sample_resolution: int = 256
 
+    def __post_init__(self):
+        need(self.every >= 1, "log.every", "must be >= 1", self.every)
+        for k in ("val_every", "sample_every"):
+            need(getattr(self, k) >= 0, f"log.{k}", "must be >= 0 (0 disables)", getattr(self, k))
+        need(self.val_batches >= 1, "log.val_batches", "must be >= 1", self.val_batches)
+        need(self.sample_steps >= 1, "log.sample_steps", "must be >= 1", self.sample_steps)
+        need(self.sample_resolution >= 16, "log.sample_resolution", "must be >= 16", self.sample_resolution)
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
@@ -101,40 +173,57 @@ class MeshConfig:
     tensor: int = 1
     sequence: int = 1
 
+    def __post_init__(self):
+        sizes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for axis, size in sizes.items():
+            need(size == -1 or size >= 1, f"mesh.{axis}", "must be >= 1 or -1 (fill)", size)
+        need(list(sizes.values()).count(-1) <= 1, "mesh.fsdp", "at most one mesh axis may be -1", self.fsdp)
+
 
 @dataclasses.dataclass(frozen=True)
 class BaseConfig:
-    # a registered base maker (training.hooks; "toy", "toy-flux") writes the pipeline folder the run
-    # trains from into WORKDIR/base, once; it then stands in for model.pretrained and encoders
+    # a registered base maker (training.hooks) writes the pipeline folder the run trains from into
+    # WORKDIR/base, once; it then stands in for model.pretrained and encoders
     maker: str | None = None
-    options: dict | None = None  # maker-specific settings (toy: ToyConfig fields)
+    options: dict | None = None  # maker-specific settings
     seed: int = 0  # the base's random initialisation
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     # after the last step (and on rerunning a finished run): sample through mj.Pipeline, score, write
-    # WORKDIR/eval/; "toy": held-out prompts scored by the toy checker
+    # WORKDIR/eval/ with the evaluator registered in training.hooks under `kind`
     kind: str = "none"  # "none" | a kind registered in training.hooks
     steps: int = 20
     guidance: float = 3.0
     seeds: tuple[int, ...] = (0, 1)
     max_prompts: int = 0  # 0: every held-out prompt
 
+    def __post_init__(self):
+        need(self.steps >= 1, "eval.steps", "must be >= 1", self.steps)
+        need(self.guidance >= 0, "eval.guidance", "must be >= 0", self.guidance)
+        need(len(self.seeds) >= 1, "eval.seeds", "needs at least one seed", self.seeds)
+        need(self.max_prompts >= 0, "eval.max_prompts", "must be >= 0 (0: all)", self.max_prompts)
+
 
 @dataclasses.dataclass(frozen=True)
 class LoraTrainConfig:
-    # train low-rank adapters on a frozen base (model.pretrained); only the adapters are optimised
+    # train low-rank adapters (`adapter`) on a frozen base (model.pretrained); only the adapters are optimised
     enabled: bool = False
-    rank: int = 16
-    alpha: float | None = None  # None: alpha = rank (scale 1)
-    dropout: float = 0.0
-    targets: str = "attn"  # "attn" | "attn_mlp" | "all" (mmdit_jax.lora.adapter.PRESETS)
-    embedders: bool = False
-    blocks: tuple[int, ...] | None = None  # joint / FLUX double block indices (None: all)
-    single_blocks: tuple[int, ...] | None = None  # FLUX single blocks (None: all)
+    adapter: LoraConfig = LoraConfig()
     base_dtype: str = "float32"  # the frozen base's dtype ("bfloat16" halves its memory)
+    base_quantize: str | None = None  # "int8" | "fp8": the base's block kernels quantised (mmdit_jax.quant)
     format: str = "diffusers"  # WORKDIR/lora file layout: "diffusers" | "kohya" | "comfyui"
+    # --set=lora.rank=8 and the like: the adapter's fields by their short names
+    ALIASES: ClassVar[dict[str, str]] = {f.name: f"adapter.{f.name}" for f in dataclasses.fields(LoraConfig)}
+
+    def __post_init__(self):
+        from mmdit_jax.lora.formats import FORMATS
+
+        need(self.base_dtype in COMPUTE_DTYPES, "lora.base_dtype", f"one of {COMPUTE_DTYPES}", self.base_dtype)
+        need(self.format in FORMATS, "lora.format", f"one of {FORMATS}", self.format)
+        need(self.base_quantize in (None, "int8", "fp8"), "lora.base_quantize", "one of int8, fp8 (or none)",
+             self.base_quantize)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +234,12 @@ class DistillConfig:
     guidance_min: float = 1.0
     guidance_max: float = 7.0
     teacher_dtype: str = "float32"
+
+    def __post_init__(self):
+        need(0 <= self.guidance_min <= self.guidance_max, "distill.guidance_max",
+             f"need 0 <= guidance_min ({self.guidance_min}) <= guidance_max", self.guidance_max)
+        need(self.teacher_dtype in COMPUTE_DTYPES, "distill.teacher_dtype", f"one of {COMPUTE_DTYPES}",
+             self.teacher_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,133 +263,68 @@ class TrainConfig:
     encoders: str | None = None  # pipeline folder with vae/ + text encoders (default: model.pretrained)
     data_factory: str | None = None  # a name registered with training.data.register_data_factory
 
+    def __post_init__(self):
+        need(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
+        need(self.batch_size % self.optim.grad_accum == 0, "optim.grad_accum",
+             f"must divide batch_size {self.batch_size}", self.optim.grad_accum)
+        need(self.max_steps >= 1, "max_steps", "must be >= 1", self.max_steps)
+
     def replace(self, **kw) -> "TrainConfig":
         return dataclasses.replace(self, **kw)
 
 
 # ---------------------------------------------------------------------------------------------- presets
-_PRESETS: dict[str, Callable[[], TrainConfig]] = {}
+_REGISTERED: dict[str, Callable[[], TrainConfig]] = {}
 
 
 def register_preset(name: str, fn: Callable[[], TrainConfig]) -> None:
-    _PRESETS[name] = fn
+    """A preset made in code (the packaged ones are files in mmdit_jax/configs/)."""
+    _REGISTERED[name] = fn
+
+
+def preset_file(name: str) -> str:
+    """mmdit_jax/configs/NAME.py with dashes and dots as underscores: "sd3.5-medium-lora" ->
+    sd3_5_medium_lora.py."""
+    return os.path.join(CONFIGS_PACKAGE, name.replace("-", "_").replace(".", "_") + ".py")
 
 
 def presets() -> list[str]:
-    return sorted(_PRESETS)
-
-
-def _sd3_finetune():
-    return TrainConfig(
-        model=ModelConfig(remat="dots"),  # --set=model.pretrained=PIPELINE_FOLDER
-        optim=OptimConfig(lr=1e-5, warmup_steps=500),
-        timesteps=TimestepConfig(sampler="logit_normal", shift="fixed", shift_value=3.0),
-        data=DataConfig(kind="folder", resolution=1024), batch_size=4)
-
-
-def _flux_finetune():
-    return TrainConfig(
-        model=ModelConfig(remat="dots"),  # --set=model.pretrained=PIPELINE_FOLDER
-        optim=OptimConfig(lr=1e-5, warmup_steps=500),
-        timesteps=TimestepConfig(sampler="logit_normal", shift="flux"),
-        loss=LossConfig(encoder_dropout=0.0, caption_dropout=0.1, guidance=1.0),
-        data=DataConfig(kind="folder", resolution=1024), batch_size=1)
-
-
-def _debug():
-    # a few-layer SD3 network that trains on CPU in seconds
-    return TrainConfig(
-        model=ModelConfig(diffusers_config=dict(
-            _class_name="SD3Transformer2DModel", num_layers=2, attention_head_dim=16, num_attention_heads=2,
-            joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=16,
-            pos_embed_max_size=16, sample_size=8), compute_dtype="float32"),
-        optim=OptimConfig(lr=1e-3), ema=EMAConfig(decay=0.99),
-        checkpoint=CheckpointConfig(every=10, keep=2), log=LogConfig(every=1, val_every=5),
-        batch_size=4, max_steps=20)
-
-
-def _toy(maker: str):
-    def make():
-        # the toy world from scratch on CPU (issue 9): benchmarks/RESULTS.md "Toy demo" has its scores
-        return TrainConfig(
-            base=BaseConfig(maker=maker, options=dict(clip_length=12)),
-            model=ModelConfig(compute_dtype="float32"),
-            data=DataConfig(kind="toy", resolution=32, max_sequence_length=12),
-            optim=OptimConfig(lr=2e-3, b2=0.99, weight_decay=0.0, schedule="cosine", warmup_steps=100,
-                              min_lr_ratio=0.1),
-            ema=EMAConfig(decay=0.999),
-            timesteps=TimestepConfig(sampler="logit_normal", shift="none"),
-            loss=LossConfig(encoder_dropout=0.0, caption_dropout=0.1),
-            checkpoint=CheckpointConfig(every=500, keep=2),
-            log=LogConfig(every=50, val_every=0),
-            eval=EvalConfig(kind="toy", steps=20, guidance=3.0, seeds=(0, 1)),
-            batch_size=32, max_steps=1500)
-    return make
-
-
-register_preset("toy", _toy("toy"))
-register_preset("toy-flux", _toy("toy-flux"))
-
-
-def _sd3_lora():
-    # --set=model.pretrained=PIPELINE_FOLDER; the result is WORKDIR/lora/pytorch_lora_weights.safetensors
-    return TrainConfig(
-        model=ModelConfig(remat="dots"), optim=OptimConfig(lr=1e-4, warmup_steps=100, weight_decay=1e-4),
-        ema=EMAConfig(decay=0.0), timesteps=TimestepConfig(sampler="logit_normal", shift="fixed", shift_value=3.0),
-        lora=LoraTrainConfig(enabled=True, rank=16, targets="attn", base_dtype="bfloat16"),
-        data=DataConfig(kind="folder", resolution=1024), batch_size=4, max_steps=2000)
-
-
-def _flux_lora():
-    return TrainConfig(
-        model=ModelConfig(remat="dots"), optim=OptimConfig(lr=1e-4, warmup_steps=100, weight_decay=1e-4),
-        ema=EMAConfig(decay=0.0), timesteps=TimestepConfig(sampler="logit_normal", shift="flux"),
-        loss=LossConfig(encoder_dropout=0.0, caption_dropout=0.0, guidance=1.0),
-        lora=LoraTrainConfig(enabled=True, rank=16, targets="attn", base_dtype="bfloat16"),
-        data=DataConfig(kind="folder", resolution=1024), batch_size=1, max_steps=2000)
-
-
-def _guidance_distill():
-    # --set=model.pretrained=TEACHER (e.g. an mmdit-convert folder); the student starts as the teacher
-    return TrainConfig(
-        model=ModelConfig(remat="dots"), optim=OptimConfig(lr=1e-5, warmup_steps=200),
-        timesteps=TimestepConfig(sampler="logit_normal", shift="fixed", shift_value=3.0),
-        loss=LossConfig(encoder_dropout=0.0),
-        distill=DistillConfig(enabled=True, guidance_min=1.0, guidance_max=7.0),
-        data=DataConfig(kind="folder", resolution=1024), batch_size=4, max_steps=5000)
-
-
-register_preset("sd3-medium-finetune", _sd3_finetune)
-register_preset("sd3-medium-lora", _sd3_lora)
-register_preset("flux-dev-lora", _flux_lora)
-register_preset("guidance-distill", _guidance_distill)
-register_preset("flux-dev-finetune", _flux_finetune)
-register_preset("debug", _debug)
+    files = [f[:-3].replace("_", "-") for f in os.listdir(CONFIGS_PACKAGE)
+             if f.endswith(".py") and not f.startswith("_")]
+    return sorted(set(files) | set(_REGISTERED))
 
 
 def load_config(spec: str | None) -> TrainConfig:
     """`spec`: a preset name, a Python file defining get_config(), or None for the defaults."""
     if not spec:
         return TrainConfig()
-    if spec in _PRESETS:
-        return _PRESETS[spec]()
+    if spec in _REGISTERED:
+        return _REGISTERED[spec]()
     if spec.endswith(".py"):
         if not os.path.isfile(spec):
             raise MMDiTError(f"--config: file {spec} does not exist")
-        mod_spec = importlib.util.spec_from_file_location("_mmdit_train_config", spec)
-        module = importlib.util.module_from_spec(mod_spec)
-        try:
-            mod_spec.loader.exec_module(module)
-        except Exception as e:  # noqa: BLE001 - a user's file: report, do not trace back
-            raise MMDiTError(f"--config: {spec} failed to load ({type(e).__name__}: {e})") from None
-        if not callable(getattr(module, "get_config", None)):
-            raise MMDiTError(f"--config: {spec} defines no get_config()")
-        cfg = module.get_config()
-        if not isinstance(cfg, TrainConfig):
-            raise MMDiTError(f"--config: {spec}: get_config() returned {type(cfg).__name__}, "
-                             "not a TrainConfig")
-        return cfg
+        return _config_file(spec, spec)
+    if os.path.isfile(preset_file(spec)):
+        return _config_file(preset_file(spec), spec)
     raise MMDiTError(f"--config: {spec!r} is neither a preset ({', '.join(presets())}) nor a .py file")
+
+
+def _config_file(path: str, spec: str) -> TrainConfig:
+    mod_spec = importlib.util.spec_from_file_location("_mmdit_train_config", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    try:
+        mod_spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - a user's file: report, do not trace back
+        raise MMDiTError(f"--config: {spec} failed to load ({type(e).__name__}: {e})") from None
+    if not callable(getattr(module, "get_config", None)):
+        raise MMDiTError(f"--config: {spec} defines no get_config()")
+    try:
+        cfg = module.get_config()
+    except MMDiTError as e:  # a section's own check: its message names the field
+        raise MMDiTError(f"--config: {spec}: {e}") from None
+    if not isinstance(cfg, TrainConfig):
+        raise MMDiTError(f"--config: {spec}: get_config() returned {type(cfg).__name__}, not a TrainConfig")
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------- overrides
@@ -332,31 +362,68 @@ def _convert(text: str, tp, key: str):
     raise MMDiTError(f"--set={key}: fields of type {tp} cannot be set from the command line")
 
 
-def override(cfg, key: str, text: str):
-    """`cfg` with the dotted field `key` set from the string `text` (converted to the field's type)."""
-    head, _, rest = key.partition(".")
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
-    if head not in fields:
-        raise MMDiTError(f"--set={key}: unknown field {head!r} in {type(cfg).__name__}; known: "
-                         f"{', '.join(fields)}")
-    hints = typing.get_type_hints(type(cfg))
-    current = getattr(cfg, head)
-    if rest:
-        if not dataclasses.is_dataclass(current):
-            raise MMDiTError(f"--set={key}: {head!r} has no sub-fields")
-        return dataclasses.replace(cfg, **{head: override(current, rest, text)})
-    if dataclasses.is_dataclass(current):
-        raise MMDiTError(f"--set={key}: {head!r} is a section; set one of its fields")
-    return dataclasses.replace(cfg, **{head: _convert(text, hints[head], key)})
+def _field_path(cfg, key: str) -> tuple[tuple[str, ...], typing.Any]:
+    """The field path `key` names in `cfg` (aliases resolved) and the field's type."""
+    path, node, tp = [], cfg, None
+    parts = key.split(".")
+    while parts:
+        head = parts.pop(0)
+        if not dataclasses.is_dataclass(node):
+            raise MMDiTError(f"--set={key}: {path[-1]!r} has no sub-fields")
+        alias = getattr(type(node), "ALIASES", {}).get(head)
+        if alias:
+            head, *more = alias.split(".")
+            parts = more + parts
+        fields = {f.name for f in dataclasses.fields(node)}
+        if head not in fields:
+            raise MMDiTError(f"--set={key}: unknown field {head!r} in {type(node).__name__}; known: "
+                             f"{', '.join(fields)}")
+        tp = typing.get_type_hints(type(node))[head]
+        path.append(head)
+        node = getattr(node, head)
+    if dataclasses.is_dataclass(node):
+        raise MMDiTError(f"--set={key}: {path[-1]!r} is a section; set one of its fields")
+    return tuple(path), tp
+
+
+def _rebuild(node, changes: dict, keys: dict):
+    """`node` with `changes` ({field: value or nested changes}) applied, one replace per section, so
+    fields checked together (guidance_min <= guidance_max) may be set in any order."""
+    kw = {k: _rebuild(getattr(node, k), v, keys[k]) if isinstance(v, dict) and dataclasses.is_dataclass(
+        getattr(node, k)) else v for k, v in changes.items()}
+    try:
+        return dataclasses.replace(node, **kw)
+    except MMDiTError as e:
+        if str(e).startswith("--set="):
+            raise
+        raise MMDiTError(f"--set={', '.join(_typed(keys))}: {e}") from None
+
+
+def _typed(keys: dict) -> list[str]:
+    return [k for v in keys.values() for k in (_typed(v) if isinstance(v, dict) else [v])]
 
 
 def apply_overrides(cfg: TrainConfig, items) -> TrainConfig:
+    """`cfg` with each `section.field=value` of `items` set (the value converted to the field's type);
+    a later item for the same field wins."""
+    changes, keys = {}, {}
     for item in items or ():
         key, eq, text = item.partition("=")
         if not eq:
             raise MMDiTError(f"--set={item}: expected section.field=value")
-        cfg = override(cfg, key.strip(), text)
-    return cfg
+        key = key.strip()
+        path, tp = _field_path(cfg, key)
+        value = _convert(text, tp, key)
+        c, k = changes, keys
+        for p in path[:-1]:
+            c, k = c.setdefault(p, {}), k.setdefault(p, {})
+        c[path[-1]], k[path[-1]] = value, key
+    return _rebuild(cfg, changes, keys) if changes else cfg
+
+
+def override(cfg, key: str, text: str):
+    """`cfg` with the dotted field `key` set from the string `text`."""
+    return apply_overrides(cfg, [f"{key}={text}"])
 
 
 def to_dict(cfg) -> dict:
@@ -364,129 +431,44 @@ def to_dict(cfg) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- validation
-SAMPLERS = ("uniform", "logit_normal", "mode", "cosmap")
-SHIFTS = ("none", "fixed", "resolution", "flux")
-WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
-SCHEDULES = ("constant", "cosine")
-COMPUTE_DTYPES = ("float32", "bfloat16")
-
-
 def validate(cfg: TrainConfig) -> TrainConfig:
-    """Raises MMDiTError naming the first bad field (as its --set key)."""
-    from mmdit_jax.stacking import REMAT_POLICIES
-
-    def need(ok, key, why):
-        if not ok:
-            raise MMDiTError(f"--set={key}: {why} (got {_get(cfg, key)!r})")
-
-    m = cfg.model
+    """The checks spanning sections, registries and files (each section checks its own fields); raises
+    MMDiTError naming the first bad field (as its --set key)."""
+    m, lr, ds = cfg.model, cfg.lora, cfg.distill
     sources = [m.preset is not None, m.diffusers_config is not None, m.pretrained is not None,
                cfg.base.maker is not None]
     need(sum(sources) == 1, "model.preset", "set exactly one of model.preset, model.diffusers_config, "
-         "model.pretrained, base.maker")
+         "model.pretrained, base.maker", m.preset)
     if cfg.base.maker is not None:
         from mmdit_jax.training import hooks
 
         need(cfg.base.maker in hooks.base_makers(), "base.maker",
-             f"not registered; known: {sorted(hooks.base_makers())}")
-        need(cfg.encoders is None, "encoders", "must be unset with base.maker (the base provides them)")
-    if m.preset is not None:
-        from mmdit_jax.families import preset
-
-        preset(m.preset)  # raises with the list of known presets
-    need(m.compute_dtype in COMPUTE_DTYPES, "model.compute_dtype", f"one of {COMPUTE_DTYPES}")
-    need(m.remat in REMAT_POLICIES, "model.remat", f"one of {sorted(REMAT_POLICIES)}")
-    o = cfg.optim
-    need(o.lr > 0 and math.isfinite(o.lr), "optim.lr", "must be a positive number")
-    need(0 <= o.b1 < 1, "optim.b1", "must be in [0, 1)")
-    need(0 <= o.b2 < 1, "optim.b2", "must be in [0, 1)")
-    need(o.eps > 0, "optim.eps", "must be positive")
-    need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    need(o.schedule in SCHEDULES, "optim.schedule", f"one of {SCHEDULES}")
-    need(0 <= o.warmup_steps, "optim.warmup_steps", "must be >= 0")
-    need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
-    need(o.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 disables clipping)")
-    need(o.grad_accum >= 1, "optim.grad_accum", "must be >= 1")
-    need(cfg.batch_size >= 1, "batch_size", "must be >= 1")
-    need(cfg.batch_size % o.grad_accum == 0, "optim.grad_accum", f"must divide batch_size {cfg.batch_size}")
-    need(0 <= cfg.ema.decay < 1, "ema.decay", "must be in [0, 1) (0 disables EMA)")
-    t = cfg.timesteps
-    need(t.sampler in SAMPLERS, "timesteps.sampler", f"one of {SAMPLERS}")
-    need(t.logit_std > 0, "timesteps.logit_std", "must be positive")
-    # mode sampling is a monotone map of u (a valid density) only for scale in [-1, 2/(pi-2)]
-    need(-1 <= t.mode_scale <= 2 / (math.pi - 2), "timesteps.mode_scale", "must be in [-1, 1.75]")
-    need(t.shift in SHIFTS, "timesteps.shift", f"one of {SHIFTS}")
-    need(t.shift_value > 0, "timesteps.shift_value", "must be positive")
-    need(t.reference_resolution > 0, "timesteps.reference_resolution", "must be positive")
-    need(t.max_seq_len > t.base_seq_len > 0, "timesteps.max_seq_len", "must exceed base_seq_len > 0")
-    lo = cfg.loss
-    need(lo.weighting in WEIGHTINGS, "loss.weighting", f"one of {WEIGHTINGS}")
-    need(0 <= lo.encoder_dropout <= 1, "loss.encoder_dropout", "must be a probability")
-    need(0 <= lo.caption_dropout <= 1, "loss.caption_dropout", "must be a probability")
-    need(lo.guidance >= 0, "loss.guidance", "must be >= 0")
-    c = cfg.checkpoint
-    need(c.every >= 1, "checkpoint.every", "must be >= 1")
-    need(c.keep >= 1, "checkpoint.keep", "must be >= 1")
-    lg = cfg.log
-    need(lg.every >= 1, "log.every", "must be >= 1")
-    for k in ("val_every", "sample_every"):
-        need(getattr(lg, k) >= 0, f"log.{k}", "must be >= 0 (0 disables)")
-    need(lg.val_batches >= 1, "log.val_batches", "must be >= 1")
-    need(lg.sample_steps >= 1, "log.sample_steps", "must be >= 1")
-    need(lg.sample_resolution >= 16, "log.sample_resolution", "must be >= 16")
-    need(cfg.max_steps >= 1, "max_steps", "must be >= 1")
-    for axis in ("data", "fsdp", "tensor", "sequence"):
-        size = getattr(cfg.mesh, axis)
-        need(size == -1 or size >= 1, f"mesh.{axis}", "must be >= 1 or -1 (fill)")
-    need([getattr(cfg.mesh, a) for a in ("data", "fsdp", "tensor", "sequence")].count(-1) <= 1,
-         "mesh.fsdp", "at most one mesh axis may be -1")
+             f"not registered; known: {sorted(hooks.base_makers())}", cfg.base.maker)
+        need(cfg.encoders is None, "encoders", "must be unset with base.maker (the base provides them)",
+             cfg.encoders)
     if cfg.data_factory is None and cfg.data.kind in ("folder", "arrayrecord"):
-        need(bool(cfg.data.path), "data.path", f"data kind {cfg.data.kind!r} needs a path")
+        need(bool(cfg.data.path), "data.path", f"data kind {cfg.data.kind!r} needs a path", cfg.data.path)
     if cfg.data_factory is not None:
         from mmdit_jax.training.data import factories
 
-        need(cfg.data_factory in factories(), "data_factory", f"not registered; known: {sorted(factories())}")
-    ev = cfg.eval
-    if ev.kind != "none":
+        need(cfg.data_factory in factories(), "data_factory", f"not registered; known: {sorted(factories())}",
+             cfg.data_factory)
+    if cfg.eval.kind != "none":
         from mmdit_jax.training import hooks
 
-        need(ev.kind in hooks.evaluators(), "eval.kind", f"'none' or one of {sorted(hooks.evaluators())}")
-    need(ev.steps >= 1, "eval.steps", "must be >= 1")
-    need(ev.guidance >= 0, "eval.guidance", "must be >= 0")
-    need(len(ev.seeds) >= 1, "eval.seeds", "needs at least one seed")
-    need(ev.max_prompts >= 0, "eval.max_prompts", "must be >= 0 (0: all)")
-    lr, ds = cfg.lora, cfg.distill
+        need(cfg.eval.kind in hooks.evaluators(), "eval.kind", f"'none' or one of {sorted(hooks.evaluators())}",
+             cfg.eval.kind)
     if lr.enabled:
-        from mmdit_jax.lora.adapter import PRESETS as LORA_TARGETS
-        from mmdit_jax.lora.formats import FORMATS as LORA_FORMATS
-
-        need(m.pretrained is not None, "model.pretrained", "LoRA training adapts a pretrained base: set it")
-        need(lr.rank >= 1, "lora.rank", "must be >= 1")
-        need(lr.alpha is None or lr.alpha > 0, "lora.alpha", "must be positive (or none: alpha = rank)")
-        need(0 <= lr.dropout < 1, "lora.dropout", "must be in [0, 1)")
-        need(lr.targets in LORA_TARGETS, "lora.targets", f"one of {sorted(LORA_TARGETS)}")
-        need(lr.base_dtype in COMPUTE_DTYPES, "lora.base_dtype", f"one of {COMPUTE_DTYPES}")
-        need(lr.format in LORA_FORMATS, "lora.format", f"one of {LORA_FORMATS}")
-        for k in ("blocks", "single_blocks"):
-            v = getattr(lr, k)
-            need(v is None or (len(v) > 0 and min(v) >= 0), f"lora.{k}", "block indices >= 0 (or none: all)")
+        need(m.pretrained is not None, "model.pretrained", "LoRA training adapts a pretrained base: set it",
+             m.pretrained)
     if ds.enabled:
         need(not lr.enabled, "distill.enabled", "guidance distillation trains the whole student; "
-             "it cannot be combined with lora.enabled")
+             "it cannot be combined with lora.enabled", ds.enabled)
         need(ds.teacher is not None or m.pretrained is not None, "distill.teacher",
-             "set distill.teacher or model.pretrained (the student starts as the teacher)")
-        need(0 <= ds.guidance_min <= ds.guidance_max, "distill.guidance_max",
-             f"need 0 <= guidance_min ({ds.guidance_min}) <= guidance_max")
-        need(ds.teacher_dtype in COMPUTE_DTYPES, "distill.teacher_dtype", f"one of {COMPUTE_DTYPES}")
+             "set distill.teacher or model.pretrained (the student starts as the teacher)", ds.teacher)
         if ds.teacher is not None:
-            need(paths.exists(ds.teacher), "distill.teacher", "no such file or folder")
-    if lg.sample_every and cfg.encoders is None and m.pretrained is None and cfg.base.maker is None:
+            need(paths.exists(ds.teacher), "distill.teacher", "no such file or folder", ds.teacher)
+    if cfg.log.sample_every and cfg.encoders is None and m.pretrained is None and cfg.base.maker is None:
         raise MMDiTError("--set=log.sample_every: sample grids need text encoders and a VAE: set encoders "
                          "(a pipeline folder) or model.pretrained")
-    return cfg
-
-
-def _get(cfg, key):
-    for part in key.split("."):
-        cfg = getattr(cfg, part)
     return cfg

@@ -5,8 +5,8 @@
   `prepare_base` writes it into WORKDIR/base once and points model.pretrained / encoders at it.
 - Evaluators (config `eval.kind`): fn(cfg, workdir, out) -> scores dict; run after the last step on the
   workdir as a pipeline folder (see training/workdir.py).
-Makers that live outside the trainer (the toy world) register themselves when their module is imported;
-`_plugins` imports them, so `--config=toy` needs no extra import.
+Makers that live outside the trainer register themselves when their package's train_hooks module is
+imported; every lookup imports those first (mmdit_jax.plugins), so a config naming them needs no import.
 """
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from typing import Callable
 
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.io import paths
+from mmdit_jax.plugins import load_plugins
 
 _BASE_MAKERS: dict[str, Callable] = {}
 _EVALUATORS: dict[str, Callable] = {}
-PLUGINS = ("mmdit_jax.toy.train_hooks",)
 BASE_DIR = "base"
 
 
@@ -31,23 +31,13 @@ def register_evaluator(kind: str, fn: Callable) -> None:
     _EVALUATORS[kind] = fn
 
 
-def _plugins() -> None:
-    import importlib
-
-    for name in PLUGINS:
-        try:
-            importlib.import_module(name)
-        except ImportError:  # an installation without the toy world: its names are just not known
-            pass
-
-
 def base_makers() -> dict[str, Callable]:
-    _plugins()
+    load_plugins()
     return dict(_BASE_MAKERS)
 
 
 def evaluators() -> dict[str, Callable]:
-    _plugins()
+    load_plugins()
     return dict(_EVALUATORS)
 
 

@@ -13,7 +13,7 @@ from mmdit_jax.families import family_of_diffusers_config, preset
 from mmdit_jax.io import paths
 from mmdit_jax.io.files import write_json
 from mmdit_jax.progress import duration
-from mmdit_jax.sharding import make_mesh, under_mesh
+from mmdit_jax.sharding import MESH_AXES, make_mesh, under_mesh
 from mmdit_jax.training import config as C
 from mmdit_jax.training.checkpoints import Checkpointer, Preemption
 from mmdit_jax.training.data import make_data
@@ -47,7 +47,7 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
     paths.check_bucket(workdir, "--workdir")
     lead = jax.process_index() == 0
     try:
-        mesh = make_mesh({a: getattr(cfg.mesh, a) for a in ("data", "fsdp", "tensor", "sequence")})
+        mesh = make_mesh({a: getattr(cfg.mesh, a) for a in MESH_AXES})
     except ValueError as e:
         raise MMDiTError(f"--mesh_*: {e}") from None
     batch_sh = batch_sharding(mesh)
@@ -69,7 +69,8 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
         # read straight into the shards (a large model never sits whole on one host); a LoRA base is
         # never trained: it is read in its frozen dtype
         dtype = cfg.lora.base_dtype if cfg.lora.enabled else "float32"
-        pretrained = load_transformer(cfg.model.pretrained, dtype, mesh=mesh)
+        quantize = cfg.lora.base_quantize if cfg.lora.enabled else None  # read quantised: never whole in float
+        pretrained = load_transformer(cfg.model.pretrained, dtype, mesh=mesh, quantize=quantize)
         net_cfg = pretrained.config
     else:
         net_cfg = network_config(cfg.model)
@@ -108,7 +109,7 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
     data_start_all = per_process(data_start)  # the meta stores every process's own data stream
     if lead:
         prepare_workdir(workdir, net_cfg, encoders, use_ema,
-                        base_transformer=cfg.model.pretrained if mode.kind == "lora" else None)
+                        base_transformer=mode.base_transformer)
         write_json(paths.join(workdir, "train_config.json"), C.to_dict(cfg))
     null_text = getattr(data, "null_text", None)
     null_text = None if null_text is None else tuple(jnp.asarray(x) for x in null_text)
@@ -252,8 +253,10 @@ def _sampler(cfg, model, encoders, data, mode=None, frozen=None, mesh=None):
     shift = shift_factor(cfg.timesteps, (side, side))
     compute = jnp.dtype(cfg.model.compute_dtype)
 
+    net = mode.base_net(model) if mode is not None else model  # a quantised LoRA base's structure
+
     def apply_fn(p, x, s, c, pl, g):
-        return model.apply(cast_floats(p, compute), x.astype(compute), s, c.astype(compute), pl.astype(compute), g)
+        return net.apply(cast_floats(p, compute), x.astype(compute), s, c.astype(compute), pl.astype(compute), g)
 
     params_of = mode.sampling_params if mode is not None else (lambda t, f: t)  # LoRA: merged into the base
 

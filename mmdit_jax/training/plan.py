@@ -23,9 +23,9 @@ VAE_SCALE = 8  # latent pixels per image pixel side, every supported family
 
 def text_length(family: str, max_sequence_length: int | None) -> int:
     """Context rows the family's text encoders produce per prompt."""
-    from mmdit_jax.text.encoders import ENCODERS
+    from mmdit_jax.families import family_named
 
-    return ENCODERS[family].context_length(max_sequence_length)
+    return family_named(family).text.encoders.context_length(max_sequence_length)
 
 
 def per_device_bytes(tree) -> int:
@@ -55,7 +55,7 @@ def plan(cfg, net_cfg, teacher_cfg=None, *, compile_step: bool = True) -> dict:
 
     Rows: params, optimizer (moments, counters, key), ema, frozen, batch (exact); with compile_step
     also temporaries, outputs (not aliased to a donated input) and compile_s, from XLA."""
-    from mmdit_jax.sharding import make_mesh
+    from mmdit_jax.sharding import MESH_AXES, make_mesh
     from mmdit_jax.training.modes import TrainMode
     from mmdit_jax.training.optim import make_optimizer
     from mmdit_jax.training.state import create_state
@@ -63,7 +63,7 @@ def plan(cfg, net_cfg, teacher_cfg=None, *, compile_step: bool = True) -> dict:
     from mmdit_jax.transformer import Transformer
 
     try:
-        mesh = make_mesh({a: getattr(cfg.mesh, a) for a in ("data", "fsdp", "tensor", "sequence")})
+        mesh = make_mesh({a: getattr(cfg.mesh, a) for a in MESH_AXES})
     except ValueError as e:
         raise MMDiTError(f"--mesh_*: {e}") from None
     mode = TrainMode(cfg, net_cfg, teacher_cfg)

@@ -12,7 +12,7 @@ import optax
 
 from mmdit_jax.sharding import under_mesh
 from mmdit_jax.training import objective
-from mmdit_jax.training.modes import full_mode
+from mmdit_jax.training.modes import FullMode
 from mmdit_jax.training.optim import ema_update
 from mmdit_jax.training.state import TrainState
 
@@ -25,9 +25,7 @@ def make_train_step(model, tx: optax.GradientTransformation, cfg, layout=(), nul
     training.modes.TrainMode (default: full training of `model`)."""
     compute = jnp.dtype(cfg.model.compute_dtype)
     remat = cfg.model.remat
-    mode = mode or full_mode(cfg, model.config)
-    distill = mode.kind == "distill"
-    has_guidance = bool(getattr(model.config, "guidance_embed", False))
+    mode = mode or FullMode(cfg, model.config)
     accum = cfg.optim.grad_accum
     lc = cfg.loss
     trainable = jax.tree.leaves(mode.trainable_mask(model))
@@ -43,14 +41,7 @@ def make_train_step(model, tx: optax.GradientTransformation, cfg, layout=(), nul
         return fn
 
     def micro_loss(params, frozen, mb, key):
-        if distill:
-            nc, npl = null_text if null_text is not None else (None, None)
-            return objective.distill_loss(apply_fn(frozen, key), params, mode, frozen, mb["latents"], mb["eps"],
-                                          mb["sigma"], mb["context"], mb["pooled"], nc, npl, mb["guidance"],
-                                          lc.weighting, compute=compute, teacher_guidance=lc.guidance)
-        guidance = jnp.full(mb["sigma"].shape, lc.guidance, jnp.float32) if has_guidance else None
-        return objective.flow_loss(apply_fn(frozen, key), params, mb["latents"], mb["eps"], mb["sigma"],
-                                   mb["context"], mb["pooled"], guidance, lc.weighting)
+        return mode.loss(model, apply_fn(frozen, key), params, frozen, mb, null_text, lc.weighting, compute=compute)
 
     def prepare(key, batch):
         """Text dropout and (sigma, eps) for the whole batch, before it is split into microbatches, so
@@ -65,10 +56,9 @@ def make_train_step(model, tx: optax.GradientTransformation, cfg, layout=(), nul
                                               lc.caption_dropout if null_text is not None else 0.0)
         sigma, eps = objective.draw_noise(k_noise, x0, cfg.timesteps)
         out = dict(latents=x0, eps=eps, sigma=sigma, context=ctx, pooled=pooled)
-        if distill:  # one guidance scale per sample, uniform in [guidance_min, guidance_max]
-            d = cfg.distill
-            out["guidance"] = jax.random.uniform(jax.random.fold_in(key, MODE_KEY), sigma.shape, jnp.float32,
-                                                 d.guidance_min, d.guidance_max)
+        guidance = mode.draw_guidance(jax.random.fold_in(key, MODE_KEY), sigma)
+        if guidance is not None:
+            out["guidance"] = guidance
         return out
 
     def grads_of(params, frozen, full, key):
@@ -139,8 +129,7 @@ def make_eval_loss(model, cfg, mode=None, frozen=None, mesh=None):
     `mesh`, the one the params live on, as the ambient mesh); the frozen tree is an argument of the
     jitted function, never a constant baked into it."""
     compute = jnp.dtype(cfg.model.compute_dtype)
-    has_guidance = bool(getattr(model.config, "guidance_embed", False))
-    mode = mode or full_mode(cfg, model.config)
+    mode = mode or FullMode(cfg, model.config)
 
     def apply_fn(frozen):
         def fn(params, x_t, sigma, context, pooled, guidance):
@@ -148,17 +137,9 @@ def make_eval_loss(model, cfg, mode=None, frozen=None, mesh=None):
         return fn
 
     def eval_loss(params, frozen, batch, sigma, eps, null):
-        x0 = batch["latents"].astype(jnp.float32)
-        if mode.kind == "distill":
-            d = cfg.distill
-            g = d.guidance_min + (d.guidance_max - d.guidance_min) * (jnp.arange(sigma.shape[0]) + 0.5) / sigma.shape[0]
-            nc, npl = null if null is not None else (None, None)
-            return objective.distill_loss(apply_fn(frozen), params, mode, frozen, x0, eps, sigma, batch["context"],
-                                          batch["pooled"], nc, npl, g.astype(jnp.float32), "none", compute=compute,
-                                          teacher_guidance=cfg.loss.guidance)
-        guidance = jnp.full(sigma.shape, cfg.loss.guidance, jnp.float32) if has_guidance else None
-        return objective.flow_loss(apply_fn(frozen), params, x0, eps, sigma, batch["context"], batch["pooled"],
-                                   guidance, "none")
+        full = dict(latents=batch["latents"].astype(jnp.float32), eps=eps, sigma=sigma, context=batch["context"],
+                    pooled=batch["pooled"], guidance=mode.eval_guidance(sigma))
+        return mode.loss(model, apply_fn(frozen), params, frozen, full, null, "none", compute=compute)
 
 
     jitted = jax.jit(under_mesh(eval_loss, mesh))

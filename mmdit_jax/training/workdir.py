@@ -1,16 +1,14 @@
-"""The workdir as a pipeline folder: model_index.json, the base pipeline's scheduler / tokenizers / VAE /
-text encoders (symlinked, with its toy.json if any), and transformer/{config.json, checkpoint.json}, the
-latter pointing at the newest checkpoint's EMA (or params), so `mmdit-sample --model=WORKDIR` and every
-loader read it. Links into the workdir itself (a base written to WORKDIR/base) and the checkpoint
+"""The workdir as a pipeline folder: model_index.json (the base pipeline's, with any sampling defaults it
+sets), the base's scheduler / tokenizers / VAE / text encoders (symlinked), and transformer/{config.json,
+checkpoint.json}, the latter pointing at the newest checkpoint's EMA (or params), so `mmdit-sample
+--model=WORKDIR` and every loader read it. Links into the workdir itself (a base written to WORKDIR/base) and the checkpoint
 pointer are relative: a moved or copied workdir is still a pipeline folder.
 """
 from __future__ import annotations
 
+from mmdit_jax.families import family_of_config
 from mmdit_jax.io import paths
 from mmdit_jax.io.files import link, write_json
-
-EXTRA_FILES = ("toy.json",)
-PIPELINE_CLASS = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
 
 
 def prepare_workdir(workdir: str, network_config, encoders: str | None, use_ema: bool,
@@ -29,13 +27,8 @@ def prepare_workdir(workdir: str, network_config, encoders: str | None, use_ema:
             if name.startswith("_") or name == "transformer" or not paths.isdir(src):
                 continue
             link(src, dst, workdir)
-        # what the base pipeline fixes beyond diffusers' configs (toy.json: T5 length, image side)
-        for name in EXTRA_FILES:
-            src, dst = paths.join(encoders, name), paths.join(workdir, name)
-            if paths.isfile(src):
-                link(src, dst, workdir)
     else:
-        index = {"_class_name": PIPELINE_CLASS[network_config.family]}
+        index = {"_class_name": family_of_config(network_config).pipelines.text_to_image}
     index["transformer"] = ["diffusers", cfg["_class_name"]]
     write_json(paths.join(workdir, "model_index.json"), index)
     comp = paths.join(workdir, "transformer")

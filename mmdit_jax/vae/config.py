@@ -5,6 +5,7 @@ import dataclasses
 from typing import Mapping
 
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.families import ByFamily
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +83,8 @@ class VAEConfig:
                 "use_quant_conv": self.use_quant_conv, "use_post_quant_conv": self.use_post_quant_conv}
 
 
-# Latent normalisation of the released VAEs: latent = (posterior mean - shift) * scale.
-FAMILY_SCALE_SHIFT = {"sd3": (1.5305, 0.0609), "flux": (0.3611, 0.1159)}
+# Latent normalisation of the released VAEs: latent = (posterior mean - shift) * scale (`Family.vae`).
+FAMILY_SCALE_SHIFT = ByFamily(lambda fam: (fam.vae.scale, fam.vae.shift))
 
 
 def family_scale_shift(family: str) -> tuple[float, float]:
@@ -92,7 +93,7 @@ def family_scale_shift(family: str) -> tuple[float, float]:
     return FAMILY_SCALE_SHIFT[family]
 
 
-PRESETS = {name: VAEConfig().with_family(name) for name in FAMILY_SCALE_SHIFT}
+PRESETS = ByFamily(lambda fam: VAEConfig().with_family(fam.name))
 
 
 def vae_preset(name: str) -> VAEConfig:

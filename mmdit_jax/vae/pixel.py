@@ -86,7 +86,7 @@ class PixelSpaceVAE:
     """Same surface as `VAE`; `params` is an empty dict (nothing to train, save or shard)."""
 
     def __init__(self, config: PixelSpaceConfig, params=None, dtype=jnp.float32):
-        from mmdit_jax.transformer import parse_dtype
+        from mmdit_jax.dtypes import parse_dtype
 
         self.config = config
         self.dtype = parse_dtype(dtype)

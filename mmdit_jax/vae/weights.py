@@ -11,16 +11,12 @@ import re
 from typing import Mapping
 
 from mmdit_jax.errors import MMDiTError
-from mmdit_jax.io.rules import Entry, rule
+from mmdit_jax.io.rules import Entry, rule, tree_path
 from mmdit_jax.vae.config import VAEConfig
 
 # Prefixes that single files put before the VAE's keys, tried in order (SD3 / SD3.5 single files use
 # the first; diffusers' single-file loader also knows "vae.").
 SINGLE_FILE_PREFIXES = ("first_stage_model.", "vae.", "")
-
-
-def _path(s: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in s.split("."))
 
 
 def _conv(path, d, o):
@@ -100,7 +96,7 @@ def rules_for(cfg: VAEConfig):
 
 def plan(cfg: VAEConfig) -> list[Entry]:
     """Every internal parameter of `AutoencoderKL(cfg)` with its diffusers and LDM keys."""
-    return [Entry(_path(r.path), r) for r in rules_for(cfg)]
+    return [Entry(tree_path(r.path), r) for r in rules_for(cfg)]
 
 
 def detect_single_file(tensors: Mapping) -> tuple[str, str]:

@@ -18,9 +18,10 @@ import os
 import jax
 import numpy as np
 
-from mmdit_jax.convert.discover import Found, Job, discover
-from mmdit_jax.convert.pipelines import model_index
+from mmdit_jax.conversion.discover import Found, Job, discover
+from mmdit_jax.conversion.pipelines import model_index
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.families import family_named, family_of_config
 from mmdit_jax.io import orbax_io, paths, rules
 from mmdit_jax.io.files import atomic_folder, copy_tree, write_json
 from mmdit_jax.io.safetensors_io import SafetensorsWriter
@@ -28,15 +29,12 @@ from mmdit_jax.progress import Progress, conversion
 
 MAX_SHARD_BYTES = 10 * 10**9  # diffusers' default max_shard_size ("10GB")
 FORMAT = {"format": "pt"}  # transformers refuses safetensors files without it
-SD3_PREFIX, SD3_VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 
 
 def plan_of(job: Job):
     """The key plan and patch size of a component (from its config, whatever its source form)."""
     cfg = job.weights.config
     if job.kind == "transformer":
-        from mmdit_jax.families import family_of_config
-
         return family_of_config(cfg).plan(cfg), getattr(cfg, "patch_size", None)
     if job.kind == "vae":
         from mmdit_jax.vae.weights import plan
@@ -156,16 +154,17 @@ def _write_original(found: Found, folder: str, progress: Progress) -> list[str]:
     jobs = {j.name: j for j in found.models}
     written = []
     tr, vae = jobs.get("transformer"), jobs.get("vae")
+    files = family_named(found.family).original if found.family is not None else None
     # (file, [(job, key prefix)])
-    if tr is not None and found.family == "sd3":
-        groups = [("sd3.safetensors", [(tr, SD3_PREFIX)] + ([(vae, SD3_VAE_PREFIX)] if vae else []))]
+    if tr is not None and files.vae_prefix_in_transformer_file is not None:
+        groups = [(files.transformer_file, [(tr, files.transformer_prefix)]
+                   + ([(vae, files.vae_prefix_in_transformer_file)] if vae else []))]
     else:
         groups = []
         if tr is not None:
-            groups.append(("flux.safetensors", [(tr, "")]))
+            groups.append((files.transformer_file, [(tr, files.transformer_prefix)]))
         if vae is not None:
-            groups.append(("ae.safetensors" if found.family == "flux" or tr is not None else "vae.safetensors",
-                           [(vae, "")]))
+            groups.append((files.vae_file if files is not None else "vae.safetensors", [(vae, "")]))
     if not groups:
         raise MMDiTError(f"{found.origin}: no transformer or VAE to write in the original layout (text "
                          "encoders are exported with --to=diffusers)")
@@ -235,9 +234,7 @@ def _notes(found, to: str) -> list[str]:
     notes = []
     for job in found.models:
         cfg = job.weights.config
-        if getattr(cfg, "family", None) == "sd3" and getattr(cfg, "guidance_embed", False):
-            where = "diffusers' SD3Transformer2DModel" if to == "diffusers" else "Stability AI's sd3 code"
-            notes.append(f"{job.name}: this guidance-distilled SD3-family model keeps its guidance embedder "
-                         f"(g_embedder) and config 'guidance_embeds'; {where} has no such layer and will drop "
-                         f"or reject them, so only mmdit-jax loads this export as distilled")
+        note = family_of_config(cfg).distilled_export_note if job.kind == "transformer" else None
+        if note is not None and getattr(cfg, "guidance_embed", False):
+            notes.append(note(job.name, to))
     return notes

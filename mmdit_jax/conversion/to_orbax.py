@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import time
 
-from mmdit_jax.convert.discover import Found, Job, discover
-from mmdit_jax.convert.pipelines import model_index
+from mmdit_jax.conversion.discover import Found, Job, discover
+from mmdit_jax.conversion.pipelines import model_index
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.io import paths
 from mmdit_jax.io.files import atomic_folder, copy_tree, write_json
@@ -114,7 +114,7 @@ def write_orbax(found: Found, out: str, dtype: str, progress: Progress | None = 
 def convert(src, out, dtype: str = "float32", tokenizers: str | None = None,
             progress: Progress | None = None) -> dict:
     """`src` (any source form) -> Orbax folder `out` at `dtype` ("float32" / "bfloat16")."""
-    from mmdit_jax.transformer import parse_dtype
+    from mmdit_jax.dtypes import parse_dtype
 
     parse_dtype(dtype)
     paths.check_bucket(out, "--out")

@@ -1,8 +1,11 @@
-"""What a diffusers pipeline folder of each family holds: its class, components and the scheduler
-config of the released models (for single-file sources, which carry none)."""
+"""What a diffusers pipeline folder holds: its components by pipeline class, and the scheduler config of
+the released models (for single-file sources, which carry none; each family's `schedulers`)."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.families import families, family_of_config
 
 # component name -> (library, class) as model_index.json lists them, in diffusers' order
 COMPONENTS = {
@@ -26,31 +29,47 @@ COMPONENTS = {
         "transformer": ("diffusers", "FluxTransformer2DModel"),
         "vae": ("diffusers", "AutoencoderKL"),
     },
-}
-PIPELINE_OF_FAMILY = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
-# where the text towers bundled in single files go (SAI SD3 files; ComfyUI all-in-one FLUX files)
-BUNDLED_TEXT = {
-    "sd3": {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5xxl": "text_encoder_3"},
-    "flux": {"clip_l": "text_encoder", "t5xxl": "text_encoder_2"},
+    # FLUX.2: dev (Mistral 3 text encoder, guidance embedder) and klein (Qwen3, base and distilled)
+    "Flux2Pipeline": {
+        "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
+        "text_encoder": ("transformers", "Mistral3ForConditionalGeneration"),
+        "tokenizer": ("transformers", "PixtralProcessor"),
+        "transformer": ("diffusers", "Flux2Transformer2DModel"),
+        "vae": ("diffusers", "AutoencoderKLFlux2"),
+    },
+    "Flux2KleinPipeline": {
+        "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
+        "text_encoder": ("transformers", "Qwen3ForCausalLM"),
+        "tokenizer": ("transformers", "Qwen2TokenizerFast"),
+        "transformer": ("diffusers", "Flux2Transformer2DModel"),
+        "vae": ("diffusers", "AutoencoderKLFlux2"),
+    },
 }
 
-_FLOW = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000}
-# The hub repos' scheduler/scheduler_config.json: SD3 / SD3.5 shift 3.0; FLUX.1-dev resolution-dependent
-# shift (mu linear in the image token count between 256 and 4096); FLUX.1-schnell no shift.
-SCHEDULERS = {
-    "sd3": {**_FLOW, "shift": 3.0},
-    "flux-dev": {**_FLOW, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
-                 "base_image_seq_len": 256, "max_image_seq_len": 4096},
-    "flux-schnell": {**_FLOW, "shift": 1.0, "use_dynamic_shifting": False, "base_shift": 0.5,
-                     "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096},
-}
+
+class _ReleasedSchedulers(Mapping):
+    """Every family's released scheduler_config.json by model name (`Family.schedulers`)."""
+
+    def _all(self) -> dict:
+        return {k: v for fam in families().values() for k, v in fam.schedulers.items()}
+
+    def __getitem__(self, name):
+        return self._all()[name]
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __len__(self):
+        return len(self._all())
+
+
+SCHEDULERS = _ReleasedSchedulers()
 
 
 def default_scheduler(config) -> dict:
     """The released scheduler config for a transformer config (FLUX: dev if it has guidance)."""
-    if config.family == "flux":
-        return dict(SCHEDULERS["flux-dev" if config.guidance_embed else "flux-schnell"])
-    return dict(SCHEDULERS["sd3"])
+    fam = family_of_config(config)
+    return dict(fam.schedulers[fam.scheduler_of(config)])
 
 
 def model_index(pipeline: str, present: dict[str, str | None]) -> dict:

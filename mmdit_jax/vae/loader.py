@@ -15,18 +15,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mmdit_jax.io import paths
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.families import family_of_vae_prefix
+from mmdit_jax.io import paths
 from mmdit_jax.io.component import ComponentWeights
 from mmdit_jax.io.sources import PrefixView, open_component, read_json
-from mmdit_jax.vae import tiling, weights
+from mmdit_jax.vae import flux2_loader, tiling, weights
 from mmdit_jax.vae.config import VAEConfig
-from mmdit_jax.vae.model import AutoencoderKL
+from mmdit_jax.vae.network import AutoencoderKL
 from mmdit_jax.vae.pixel import CLASS_NAME as PIXEL_CLASS
 from mmdit_jax.vae.pixel import PixelSpaceConfig, PixelSpaceVAE
 from mmdit_jax.vae.shapes import check_nhwc
 from mmdit_jax.structure import Structure
-from mmdit_jax.transformer import parse_dtype
+from mmdit_jax.dtypes import parse_dtype
 
 
 def _build(cfg, dtype, seed=0):
@@ -161,6 +162,8 @@ def pixel_space_config(path) -> PixelSpaceConfig | None:
 def vae_weights(path, dtype="float32", *, family: str | None = None,
                 config: VAEConfig | None = None) -> ComponentWeights:
     """Config, abstract params and the source of a VAE (see `load_vae`; nothing read yet)."""
+    if flux2_loader.wanted(path, family):
+        return flux2_loader.flux2_vae_weights(path, dtype, family=family, config=config)
     dtype = parse_dtype(dtype)
     src = open_component(path, "vae")
     tensors, layout, origin = src.tensors, "diffusers", src.origin
@@ -173,7 +176,7 @@ def vae_weights(path, dtype="float32", *, family: str | None = None,
             raise MMDiTError(f"{origin}: {e}") from None
         tensors = PrefixView(tensors, prefix) if prefix else tensors
         detected = weights.config_from_weights(tensors, layout, origin)
-        detected = detected.with_family(family or ("sd3" if prefix == "first_stage_model." else "flux"))
+        detected = detected.with_family(family or family_of_vae_prefix(prefix).name)
     cfg = config if config is not None else detected
     if family is not None and config is None:
         cfg = cfg.with_family(family)
@@ -190,15 +193,18 @@ def load_vae(path, dtype="float32", *, family: str | None = None, config: VAECon
     layout.
 
     Latent scale/shift: a folder's config.json gives them. A single file carries none, so they come
-    from `family` ("sd3" or "flux") when given, else from where the keys sit: `first_stage_model.`
-    (an SD3 checkpoint) means "sd3", bare or `vae.` keys (BFL's ae.safetensors) mean "flux". An explicit
-    `family` also overrides a config.json's values. `config` replaces detection entirely (needed only
+    from `family` (a family name) when given, else from where the keys sit (`Family.vae`):
+    `first_stage_model.` (an SD3 checkpoint) means SD3, bare or `vae.` keys (BFL's ae.safetensors)
+    FLUX. An explicit `family` also overrides a config.json's values. `config` replaces detection entirely (needed only
     for networks whose GroupNorm group count is not 32, which weights can not reveal).
 
-    A folder whose config.json names `PixelSpaceVAE` gives that parameter-free latent map instead."""
+    A folder whose config.json names `PixelSpaceVAE` gives that parameter-free latent map instead, and
+    FLUX.2's VAE (AutoencoderKLFlux2, or `family="flux2"`) a `Flux2VAE` (flux2_loader.py)."""
     path = paths.local(os.fspath(path))
     pixel = pixel_space_config(path)
     if pixel is not None:  # parameter-free: no weights file to open
         return PixelSpaceVAE(pixel, {}, parse_dtype(dtype))
+    if flux2_loader.wanted(path, family):
+        return flux2_loader.load_flux2_vae(path, dtype, family=family, config=config)
     w = vae_weights(path, dtype, family=family, config=config)
     return VAE(w.config, w.params(), dtype)

@@ -10,14 +10,12 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from mmdit_jax.convert.pipelines import BUNDLED_TEXT, PIPELINE_OF_FAMILY, default_scheduler
+from mmdit_jax.conversion.pipelines import default_scheduler
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.families import families, family_of_config, family_of_pipeline
 from mmdit_jax.io import paths
 from mmdit_jax.io.component import ComponentWeights
 from mmdit_jax.io.sources import open_tensors, read_json
-
-TRANSFORMER_CLASSES = ("SD3Transformer2DModel", "FluxTransformer2DModel")
-
 
 @dataclasses.dataclass
 class Job:
@@ -40,7 +38,7 @@ class Found:
     origin: str
     jobs: list[Job]
     pipeline: str | None  # pipeline class; None: one component written as a component folder
-    family: str | None = None  # "sd3" | "flux" when a transformer (or the pipeline) says so
+    family: str | None = None  # the family's name when a transformer (or the pipeline) says so
     notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -74,25 +72,26 @@ def _config_of(folder: str) -> dict | None:
 
 
 def _pipeline(path: str, dtype, tokenizers: str | None) -> Found:
-    from mmdit_jax.convert.pipelines import COMPONENTS
+    from mmdit_jax.conversion.pipelines import COMPONENTS
     from mmdit_jax.transformer import transformer_weights
-    from mmdit_jax.vae import autoencoder
+    from mmdit_jax.vae import loader
 
     index = read_json(os.path.join(path, "model_index.json"))
     pipeline = str(index.get("_class_name", ""))
     if pipeline not in COMPONENTS:
         raise MMDiTError(f"{path}/model_index.json: unsupported pipeline class {pipeline!r} "
                          f"(expected {' or '.join(COMPONENTS)})")
-    found = Found(path, [], pipeline, "sd3" if pipeline.startswith("StableDiffusion3") else "flux")
+    found = Found(path, [], pipeline, family_of_pipeline(pipeline, f"{path}/model_index.json").name)
     for name, entry in index.items():
         cls = _entry_class(entry)
         if name.startswith("_") or cls is None:
             continue
         if name == "transformer":
             w = transformer_weights(path, dtype)
+            found.family = w.config.family
             found.jobs.append(Job(name, "transformer", w, _config_of(w.origin) or w.config.to_diffusers(), cls))
         elif name == "vae":
-            w = autoencoder.vae_weights(path, dtype)
+            w = loader.vae_weights(path, dtype)
             found.jobs.append(Job(name, "vae", w, _config_of(w.origin) or w.config.to_diffusers(), cls))
         elif name.startswith("text_encoder"):
             found.jobs.append(_text_job(name, cls, path, dtype, name))
@@ -110,30 +109,31 @@ def _pipeline(path: str, dtype, tokenizers: str | None) -> Found:
 
 def _component(path: str, dtype) -> Found:
     from mmdit_jax.transformer import transformer_weights
-    from mmdit_jax.vae import autoencoder
+    from mmdit_jax.vae import loader
 
     cfg = read_json(os.path.join(path, "config.json"))
     cls = cfg.get("_class_name")
     arch = (cfg.get("architectures") or [None])[0]
-    if cls in TRANSFORMER_CLASSES:
+    transformer_classes = [f.diffusers_class for f in families().values()]
+    if cls in transformer_classes:
         w = transformer_weights(path, dtype)
         job = Job("transformer", "transformer", w, cfg, cls)
-        return Found(path, [job], PIPELINE_OF_FAMILY[w.config.family], w.config.family)
+        return Found(path, [job], family_of_config(w.config).pipelines.for_config(w.config), w.config.family)
     if cls == "AutoencoderKL":
-        w = autoencoder.vae_weights(path, dtype)
+        w = loader.vae_weights(path, dtype)
         return Found(path, [Job("vae", "vae", w, cfg, cls)], None)
     if arch or cfg.get("model_type") in ("clip_text_model", "t5"):
         name = arch or ("T5EncoderModel" if cfg.get("model_type") == "t5" else "CLIPTextModel")
         return Found(path, [_text_job("text_encoder", name, path, dtype, None)], None)
     raise MMDiTError(f"{path}/config.json: unsupported component class {cls or arch!r} (expected "
-                     f"{', '.join(TRANSFORMER_CLASSES)}, AutoencoderKL, CLIPTextModel* or T5EncoderModel)")
+                     f"{', '.join(transformer_classes)}, AutoencoderKL, CLIPTextModel* or T5EncoderModel)")
 
 
 def _single_file(path: str, dtype, tokenizers: str | None) -> Found:
     from mmdit_jax.families import detect
     from mmdit_jax.text.weights import BUNDLES, clip_config_to_json, clip_weights, t5_config_to_json, t5_weights
     from mmdit_jax.transformer import transformer_weights
-    from mmdit_jax.vae import autoencoder
+    from mmdit_jax.vae import loader
     from mmdit_jax.vae.weights import detect_single_file
 
     tensors = open_tensors(path)
@@ -151,7 +151,7 @@ def _single_file(path: str, dtype, tokenizers: str | None) -> Found:
 
     if not has_transformer:
         if has_vae and not bundles:
-            w = autoencoder.vae_weights(path, dtype)
+            w = loader.vae_weights(path, dtype)
             return Found(path, [Job("vae", "vae", w, w.config.to_diffusers(), "AutoencoderKL")], None)
         if not has_vae and not bundles:
             for kind, fn, to_json, cls in (("clip", clip_weights, clip_config_to_json, None),
@@ -167,24 +167,23 @@ def _single_file(path: str, dtype, tokenizers: str | None) -> Found:
                          f"{', '.join(list(tensors)[:5])}")
 
     t = transformer_weights(path, dtype)
-    fam = t.config.family
-    found = Found(path, [Job("transformer", "transformer", t, t.config.to_diffusers(),
-                             "SD3Transformer2DModel" if fam == "sd3" else "FluxTransformer2DModel")],
-                  PIPELINE_OF_FAMILY[fam], fam)
+    fam = family_of_config(t.config)
+    found = Found(path, [Job("transformer", "transformer", t, t.config.to_diffusers(), fam.diffusers_class)],
+                  fam.pipelines.for_config(t.config), fam.name)
     if has_vae:
-        v = autoencoder.vae_weights(path, dtype, family=fam)
+        v = loader.vae_weights(path, dtype, family=fam.name)
         found.jobs.append(Job("vae", "vae", v, v.config.to_diffusers(), "AutoencoderKL"))
     for bundle in bundles:
-        name = BUNDLED_TEXT[fam].get(bundle)
+        name = fam.text.bundled_folders.get(bundle)
         if name is None:
-            raise MMDiTError(f"{path}: a {bundle} text encoder is not part of a {fam} pipeline")
+            raise MMDiTError(f"{path}: a {bundle} text encoder is not part of a {fam.name} pipeline")
         if bundle == "t5xxl":
             w = t5_weights(path, dtype, prefix=bundle)
             found.jobs.append(Job(name, "t5", w, t5_config_to_json(w.config), "T5EncoderModel"))
         else:
-            # SD3 conditions on CLIP-L's projected output; its files keep no projection, diffusers
-            # gives it an identity one
-            w = clip_weights(path, dtype, prefix=bundle, identity_projection=fam == "sd3")
+            # a family conditioning on CLIP-L's projected output (SD3) gets an identity projection, as in
+            # diffusers: its files keep none
+            w = clip_weights(path, dtype, prefix=bundle, identity_projection=fam.text.identity_projection)
             js = clip_config_to_json(w.config)
             found.jobs.append(Job(name, "clip", w, js, js["architectures"][0]))
     found.jobs.append(Job("scheduler", "files", cls="FlowMatchEulerDiscreteScheduler",
@@ -200,7 +199,7 @@ def _single_file(path: str, dtype, tokenizers: str | None) -> Found:
 
 def _add_tokenizers(found: Found, folder: str) -> None:
     """Copy tokenizer*/ of another pipeline folder for the text encoders this source has."""
-    from mmdit_jax.convert.pipelines import COMPONENTS
+    from mmdit_jax.conversion.pipelines import COMPONENTS
 
     have = {j.name for j in found.jobs}
     index = read_json(os.path.join(folder, "model_index.json")) \
