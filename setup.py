@@ -24,6 +24,10 @@ setup(
         "absl-py",
         "Pillow",
         "tensorboardX",  # training scalars and sample grids
+        "etils[epath]",  # gs:// and s3:// paths (io/paths.py), as Orbax reads them
+        "fsspec",
+        "gcsfs",  # gs:// through epath / fsspec
+        "s3fs",  # s3:// through epath / fsspec
     ],
     extras_require={
         # Accelerator builds of JAX; the plain install stays CPU-only. "cuda" follows JAX's current CUDA
@@ -39,6 +43,8 @@ setup(
             "pytest",
             "pytest-xdist",
             "ruff",  # tests/test_lint.py: pyflakes rules over the tree
+            "gcp-storage-emulator",  # tests/test_object_storage.py: local GCS
+            "moto[server]",  # tests/test_object_storage.py: local S3
         ],
     },
     entry_points={

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shlex
 import sys
 
 from absl import app, flags
+
+from mmdit_jax.io import paths
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "diffusers pipeline folder (SD3, SD3.5, FLUX.1) or converted folder")
@@ -74,14 +75,14 @@ def _settings() -> dict:
              "slg_scale", "slg_start", "slg_stop", "img2img", "strength", "lora", "quantize"]
     s = {n: FLAGS[n].value for n in names}
     s["dtype"] = s["dtype"] or default_dtype()  # the dtype used, so the record reproduces the pixels
-    s["model"] = os.path.abspath(s["model"])
+    s["model"] = paths.absolute(s["model"])
     s["lora"] = [_abs_lora(x) for x in s["lora"]]
     if not s["lora"]:
         s.pop("lora")
     if s["quantize"] is None:
         s.pop("quantize")
     if s["img2img"]:
-        s["img2img"] = os.path.abspath(s["img2img"])
+        s["img2img"] = paths.absolute(s["img2img"])
     else:
         s.pop("strength")
     if not s["slg_layers"]:
@@ -101,7 +102,8 @@ def _parse_lora(spec: str):
             path, scale = head, float(tail)
         except ValueError:
             pass
-    if not os.path.isfile(path):
+    paths.check_bucket(path, f"--lora={spec}")
+    if not paths.isfile(path):
         raise MMDiTError(f"--lora={spec}: no such file {path}")
     return path, scale
 
@@ -110,9 +112,9 @@ def _abs_lora(spec: str) -> str:
     head, sep, tail = spec.rpartition(":")
     try:
         float(tail)
-        return os.path.abspath(head) + sep + tail if sep and head else os.path.abspath(spec)
+        return paths.absolute(head) + sep + tail if sep and head else paths.absolute(spec)
     except ValueError:
-        return os.path.abspath(spec)
+        return paths.absolute(spec)
 
 
 def _command(s: dict) -> str:
@@ -157,6 +159,8 @@ def _sample():
     loras = [_parse_lora(x) for x in FLAGS.lora]  # checked before the model loads
     mesh = {a: getattr(FLAGS, f"mesh_{a}") for a in MESH_AXES
             if getattr(FLAGS, f"mesh_{a}") is not None}
+    paths.check_bucket(FLAGS.model, "--model")
+    paths.check_bucket(FLAGS.out, "--out")
     pipe = mj.Pipeline.from_pretrained(FLAGS.model, dtype=settings["dtype"], mesh=mesh or None,
                                        quantize=FLAGS.quantize)
     if loras:
@@ -177,7 +181,7 @@ def _sample():
         from PIL import Image
 
         try:
-            image = Image.open(FLAGS.img2img)
+            image = Image.open(paths.local(FLAGS.img2img))
             image.load()
         except OSError as e:
             raise MMDiTError(f"{FLAGS.img2img}: cannot read image ({e})") from None
@@ -193,7 +197,7 @@ def _sample():
         meta = {k: ((" " if k == "lora" else ",").join(map(str, v)) if isinstance(v, list) else v)
                 for k, v in settings.items()}
         meta.update(index=i, family=pipe.family, command=_command(settings), software="mmdit-jax")
-        path = os.path.join(FLAGS.out, f"{tag}_seed{FLAGS.seed}_{i:02d}.png")
+        path = paths.join(FLAGS.out, f"{tag}_seed{FLAGS.seed}_{i:02d}.png")
         save_png(im, path, meta)
         print(f"wrote {path}", flush=True)
 

@@ -13,6 +13,7 @@ import os
 from mmdit_jax.conversion.pipelines import default_scheduler
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.families import families, family_of_config, family_of_pipeline
+from mmdit_jax.io import paths
 from mmdit_jax.io.component import ComponentWeights
 from mmdit_jax.io.sources import open_tensors, read_json
 
@@ -215,7 +216,8 @@ def _add_tokenizers(found: Found, folder: str) -> None:
 
 
 def discover(path, dtype="float32", tokenizers: str | None = None) -> Found:
-    path = os.fspath(path)
+    path = _local(path)
+    tokenizers = None if tokenizers is None else _local(tokenizers)
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "model_index.json")):
             return _pipeline(path, dtype, tokenizers)
@@ -226,3 +228,12 @@ def discover(path, dtype="float32", tokenizers: str | None = None) -> Found:
     if os.path.isfile(path):
         return _single_file(path, dtype, tokenizers)
     raise MMDiTError(f"{path}: no such file or folder")
+
+
+def _local(path) -> str:
+    """A bucket source's local copy (Orbax params stay in the bucket: they are restored from there)."""
+    path = paths.absolute(path)
+    if not paths.is_remote(path):
+        return path
+    paths.check_bucket(path, "--src")
+    return paths.local_folder(path) if paths.isdir(path) else paths.local_file(path)

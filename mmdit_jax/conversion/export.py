@@ -22,7 +22,7 @@ from mmdit_jax.conversion.discover import Found, Job, discover
 from mmdit_jax.conversion.pipelines import model_index
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.families import family_named, family_of_config
-from mmdit_jax.io import orbax_io, rules
+from mmdit_jax.io import orbax_io, paths, rules
 from mmdit_jax.io.files import atomic_folder, copy_tree, write_json
 from mmdit_jax.io.safetensors_io import SafetensorsWriter
 from mmdit_jax.progress import Progress, conversion
@@ -191,8 +191,9 @@ def export(src, out, to: str = "diffusers", dtype: str | None = None, *, tokeniz
     sources)."""
     if to not in ("diffusers", "original"):
         raise MMDiTError(f"--to={to!r}: expected 'diffusers' or 'original'")
-    out = os.path.abspath(os.fspath(out))
-    if os.path.exists(out):
+    out = paths.absolute(out)
+    paths.check_bucket(out, "--out")
+    if paths.exists(out):
         raise MMDiTError(f"{out}: already exists; not overwriting")
     found = discover(src, dtype or "float32", tokenizers)
     if not found.models:

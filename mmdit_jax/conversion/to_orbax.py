@@ -14,6 +14,7 @@ import time
 from mmdit_jax.conversion.discover import Found, Job, discover
 from mmdit_jax.conversion.pipelines import model_index
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.io import paths
 from mmdit_jax.io.files import atomic_folder, copy_tree, write_json
 from mmdit_jax.io.orbax_io import ParamsWriter
 from mmdit_jax.progress import Progress, conversion
@@ -75,8 +76,9 @@ def _versions() -> dict:
 def write_orbax(found: Found, out: str, dtype: str, progress: Progress | None = None) -> dict:
     """Write what `discover` found into `out` (must not exist). Returns the record also saved as
     mmdit_convert.json."""
-    out = os.path.abspath(os.fspath(out))
-    if os.path.exists(out):
+    out = paths.absolute(out)
+    paths.check_bucket(out, "--out")
+    if paths.exists(out):
         raise MMDiTError(f"{out}: already exists; not overwriting")
     for job in found.models:
         job.weights.check()  # names and shapes only: a bad source fails before anything is written
@@ -84,7 +86,7 @@ def write_orbax(found: Found, out: str, dtype: str, progress: Progress | None = 
     progress = progress or conversion(total)
     progress.total = max(total, 1)
     start = time.monotonic()
-    record = {"source": os.path.abspath(found.origin), "dtype": dtype, "versions": _versions(),
+    record = {"source": paths.absolute(found.origin), "dtype": dtype, "versions": _versions(),
               "pipeline": found.pipeline, "components": {}, "notes": found.notes}
     with atomic_folder(out) as tmp:
         single = found.pipeline is None
@@ -115,8 +117,9 @@ def convert(src, out, dtype: str = "float32", tokenizers: str | None = None,
     from mmdit_jax.dtypes import parse_dtype
 
     parse_dtype(dtype)
-    if os.path.exists(out):  # before reading anything
-        raise MMDiTError(f"{os.path.abspath(out)}: already exists; not overwriting")
+    paths.check_bucket(out, "--out")
+    if paths.exists(out):  # before reading anything
+        raise MMDiTError(f"{paths.absolute(out)}: already exists; not overwriting")
     found = discover(src, dtype, tokenizers)
     if not found.models:
         raise MMDiTError(f"{src}: holds no model component to convert")

@@ -8,7 +8,6 @@ renamed into place when complete."""
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 import ml_dtypes
@@ -17,6 +16,7 @@ import numpy as np
 
 from mmdit_jax.data.encode import TextSegment
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.io import paths
 from mmdit_jax.io.files import AtomicFolder, write_json
 
 FORMAT = "mmdit-jax precomputed latents v1"
@@ -63,8 +63,8 @@ class RecordWriter:
         if dtype not in STORE_DTYPES:
             raise MMDiTError(f"record dtype {dtype!r} unknown; expected one of {', '.join(STORE_DTYPES)}")
         self.dtype = dtype
-        self.out = os.path.abspath(out)
-        if os.path.exists(self.out) and not overwrite:
+        self.out = paths.absolute(out)
+        if paths.exists(self.out) and not overwrite:
             raise MMDiTError(f"{out}: output already exists (pass --overwrite to replace it)")
         self.folder = AtomicFolder(self.out)
         self.tmp = self.folder.tmp
@@ -112,9 +112,11 @@ class RecordSet:
     `null_text` (context (L, D), pooled (P,)), `meta`."""
 
     def __init__(self, path: str):
-        path = os.fspath(path)
-        if os.path.isdir(path):
+        path = paths.absolute(path)
+        if paths.isdir(path):
             folder, files = path, None
+        elif paths.is_remote(path):
+            raise MMDiTError(f"{path}: on a bucket, give the precompute output's folder (no patterns)")
         else:
             files = sorted(glob.glob(path))
             if not files:
@@ -123,14 +125,13 @@ class RecordSet:
             if len(folders) != 1:
                 raise MMDiTError(f"{path}: files come from several folders; give one precompute output")
             folder = folders.pop()
-        meta_path = os.path.join(folder, META)
-        if not os.path.isfile(meta_path):
+        meta_path = paths.join(folder, META)
+        if not paths.isfile(meta_path):
             raise MMDiTError(f"{meta_path}: not found; ArrayRecord data must be written by mmdit-precompute")
         try:
-            with open(meta_path) as f:
-                self.meta = json.load(f)
+            self.meta = paths.read_json(meta_path)
             assert self.meta.get("format") == FORMAT, f"format {self.meta.get('format')!r}"
-            buckets = [(tuple(b["pixels"]), tuple(b["latents"]), os.path.join(folder, b["file"]),
+            buckets = [(tuple(b["pixels"]), tuple(b["latents"]), paths.join(folder, b["file"]),
                         int(b["count"])) for b in self.meta["buckets"]]
             self.text_layout = tuple(TextSegment.from_json(s) for s in self.meta["text_layout"])
         except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
@@ -141,21 +142,24 @@ class RecordSet:
             if unknown:
                 raise MMDiTError(f"{sorted(unknown)[0]}: not listed in {meta_path}")
             buckets = [b for b in buckets if os.path.abspath(b[2]) in chosen]
+        listed = set(paths.listdir(folder)) if paths.is_remote(folder) else None
         for b in buckets:
-            if not os.path.isfile(b[2]):
+            if not (os.path.isfile(b[2]) if listed is None else b[2].rsplit("/", 1)[-1] in listed):
                 raise MMDiTError(f"{b[2]}: listed in {meta_path} but missing")
         self.buckets = buckets
         from mmdit_jax.io.safetensors_io import TensorFile
 
-        null_path = os.path.join(folder, NULL_TEXT)
-        if not os.path.isfile(null_path):
+        null_path = paths.join(folder, NULL_TEXT)
+        if not paths.isfile(null_path):
             raise MMDiTError(f"{null_path}: not found (written by mmdit-precompute)")
         t = TensorFile(null_path)
         self.null_text = (np.asarray(t["context"], np.float32), np.asarray(t["pooled"], np.float32))
 
 
 def open_source(file: str):
-    """A grain random-access source over one ArrayRecord file (raw bytes per record)."""
+    """A grain random-access source over one ArrayRecord file (raw bytes per record). A bucket's file is
+    read from a local copy (ArrayRecord's reader takes local paths only), fetched by each process that
+    reads from it."""
     import grain
 
-    return grain.sources.ArrayRecordDataSource([file])
+    return grain.sources.ArrayRecordDataSource([paths.local_file(file)])

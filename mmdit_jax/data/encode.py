@@ -10,6 +10,8 @@ import os
 
 import numpy as np
 
+from mmdit_jax.io import paths
+
 
 @dataclasses.dataclass(frozen=True)
 class TextSegment:
@@ -86,7 +88,7 @@ def local_mesh():
 def load_encoders(path: str, dtype: str = "float32", max_sequence_length: int | None = None) -> Encoders:
     """`Encoders` for a pipeline folder, shared within the process (loading and compiling them again for
     every data iterator, e.g. a resumed or an evaluation one, would cost seconds to minutes)."""
-    path = os.path.realpath(os.fspath(path))
+    path = os.path.realpath(paths.local(os.fspath(path)))
     index = os.path.join(path, "model_index.json")
     stamp = os.path.getmtime(index) if os.path.isfile(index) else None  # a rewritten folder loads afresh
     return _cached(path, str(dtype), max_sequence_length, stamp)

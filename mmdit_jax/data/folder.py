@@ -13,6 +13,7 @@ import os
 from PIL import Image, ImageOps
 
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.io import paths
 from mmdit_jax.progress import Progress
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -38,7 +39,7 @@ class FolderScan:
 
 
 def _size(path: str) -> tuple[int, int]:
-    with Image.open(path) as im:
+    with paths.open(path, "rb") as f, Image.open(f) as im:
         w, h = im.size
         # EXIF sits in the header of these formats (Pillow would read a whole PNG to look for it)
         if im.format in ("JPEG", "WEBP", "MPO") and im.getexif().get(0x0112, 1) in _TRANSPOSED:
@@ -50,19 +51,24 @@ def _size(path: str) -> tuple[int, int]:
 
 def scan_folder(root: str, caption_ext: str = ".txt") -> FolderScan:
     """Every image under `root`, sorted by relative path, with its displayed size."""
-    if not os.path.isdir(root):
+    if not paths.isdir(root):
         raise MMDiTError(f"{root}: data folder not found")
-    files = []
-    for d, dirs, names in os.walk(root):
-        dirs.sort()
-        files += [os.path.join(d, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTS)]
-    files.sort(key=lambda p: os.path.relpath(p, root))
+    remote = paths.is_remote(root)
+    listed = set(paths.files_under(root)) if remote else None  # one listing, not a request per file
+    if remote:
+        files = [paths.join(root, rel) for rel in sorted(listed) if rel.lower().endswith(IMAGE_EXTS)]
+    else:
+        files = []
+        for d, dirs, names in os.walk(root):
+            dirs.sort()
+            files += [os.path.join(d, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTS)]
+        files.sort(key=lambda p: os.path.relpath(p, root))
     if not files:
         raise MMDiTError(f"{root}: no images ({', '.join(IMAGE_EXTS)}) found")
     items, skipped, uncaptioned = [], {}, 0
     progress = Progress(f"scanning {root}", len(files), unit="images", delay=10.0)
     for path in files:
-        key = os.path.relpath(path, root)
+        key = path[len(root.rstrip("/")) + 1:] if remote else os.path.relpath(path, root)
         try:
             h, w = _size(path)
         except BAD_IMAGE as e:
@@ -70,7 +76,7 @@ def scan_folder(root: str, caption_ext: str = ".txt") -> FolderScan:
             progress.update()
             continue
         caption = os.path.splitext(path)[0] + caption_ext
-        if not os.path.isfile(caption):
+        if not (caption[len(root.rstrip("/")) + 1:] in listed if remote else os.path.isfile(caption)):
             caption, uncaptioned = None, uncaptioned + 1
         items.append(FolderItem(key, path, caption, h, w))
         progress.update()
@@ -80,7 +86,7 @@ def scan_folder(root: str, caption_ext: str = ".txt") -> FolderScan:
 
 def read_image(item: FolderItem) -> Image.Image:
     """The decoded RGB image, upright. Raises one of BAD_IMAGE when the file is unreadable."""
-    with Image.open(item.image) as im:
+    with paths.open(item.image, "rb") as f, Image.open(f) as im:
         im.load()  # decode now, inside the caller's error handling
         return ImageOps.exif_transpose(im).convert("RGB")
 
@@ -88,5 +94,5 @@ def read_image(item: FolderItem) -> Image.Image:
 def read_caption(item: FolderItem) -> str:
     if item.caption is None:
         return ""
-    with open(item.caption, encoding="utf-8") as f:
-        return f.read().strip()
+    with paths.open(item.caption, "rb") as f:
+        return f.read().decode("utf-8").strip()

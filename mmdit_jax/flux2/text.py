@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.io import paths
 from mmdit_jax.text.decoder_weights import load_decoder
 from mmdit_jax.text.encoders import check_length, prompt_list
 from mmdit_jax.dtypes import parse_dtype
@@ -143,7 +144,7 @@ def load_flux2_text_encoders(path, dtype="float32", mesh=None, *, variant: str, 
     if variant not in ("dev", "klein"):
         raise ValueError(f"variant must be 'dev' or 'klein', got {variant!r}")
     dtype = parse_dtype(dtype)
-    path = os.fspath(path)
+    path = paths.local(os.fspath(path))
     layers = tuple(layers if layers is not None else (DEV_LAYERS if variant == "dev" else KLEIN_LAYERS))
     if not layers:
         raise MMDiTError("layers must name at least one hidden state")

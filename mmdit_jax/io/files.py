@@ -5,13 +5,23 @@ and renamed into place. The temporary is created as any new file is (open / mkdi
 default ACL where there is one, decide its mode), never with mkstemp / mkdtemp, whose private 0600 / 0700
 would survive the rename. One writer per output path: a `.partial` left by a killed run is replaced.
 Links inside a folder point relatively at what the folder itself holds, so it can be moved or copied.
+
+On a bucket (gs://, s3://, see io.paths) there is no rename, but one object appears whole or not at all:
+a file is built locally and uploaded as one object, then checked by its size; a folder is built locally
+and uploaded under a WRITING_MARKER object, its top-level files last, the marker removed at the end, so
+a reader that finds the folder's top-level files (model_index.json, config.json) finds everything, and
+one that finds the marker knows the writer died. A link is a JSON pointer file (paths.LINK_SUFFIX).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import posixpath
 import shutil
+import tempfile
+
+from mmdit_jax.io import paths
 
 PARTIAL = ".partial"
 
@@ -29,7 +39,10 @@ class AtomicFile:
     def __init__(self, path, mode: str = "wb"):
         if "w" not in mode:
             raise ValueError(f"AtomicFile writes a new file: mode {mode!r} has no 'w'")
-        self.path = os.path.abspath(os.fspath(path))
+        self.path = paths.absolute(path)
+        self.url = None
+        if paths.is_remote(self.path):  # built locally, uploaded by commit
+            self.url, self.path = self.path, os.path.join(tempfile.mkdtemp(prefix="mmdit-upload-"), "file")
         self.tmp = self.path + PARTIAL
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         _clear(self.tmp)
@@ -38,12 +51,20 @@ class AtomicFile:
     def commit(self) -> str:
         self.f.close()
         os.replace(self.tmp, self.path)
-        return self.path
+        if self.url is None:
+            return self.path
+        try:
+            paths.upload(self.path, self.url)
+        finally:
+            shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
+        return self.url
 
     def abort(self) -> None:
         self.f.close()
         if os.path.lexists(self.tmp):
             os.remove(self.tmp)
+        if self.url is not None:
+            shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -71,13 +92,22 @@ class AtomicFolder:
     there: callers decide whether replacing one is allowed), `abort` removes it."""
 
     def __init__(self, path):
-        self.path = os.path.abspath(os.fspath(path))
+        self.path = paths.absolute(path)
+        if paths.is_remote(self.path):
+            self.tmp = tempfile.mkdtemp(prefix="mmdit-upload-")
+            return
         self.tmp = self.path + PARTIAL
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         _clear(self.tmp)
         os.mkdir(self.tmp)  # mode 0o777 less the umask
 
     def commit(self) -> str:
+        if paths.is_remote(self.path):
+            try:
+                upload_folder(self.tmp, self.path)
+            finally:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            return self.path
         if os.path.lexists(self.path):
             old = self.path + ".old"
             _clear(old)
@@ -105,9 +135,29 @@ def atomic_folder(path):
     w.commit()
 
 
+def upload_folder(local: str, url: str) -> None:
+    """A local folder's files to `url`, replacing what was there, under the writing marker (see above)."""
+    marker = paths.join(url, paths.WRITING_MARKER)
+    with atomic_file(marker, "w") as f:
+        f.write("being written\n")
+    for name in paths.listdir(url):
+        if name != paths.WRITING_MARKER:
+            paths.remove(paths.join(url, name))
+    files = sorted(paths.files_under(local), key=lambda rel: ("/" not in rel, rel))  # top level last
+    for rel in files:
+        paths.upload(os.path.join(local, rel), paths.join(url, *rel.split(os.sep)))
+    paths.remove(marker)
+
+
 def copy_tree(src, dst) -> None:
     """`src`'s files (links followed) into `dst` as new files: the modes are the umask's, not the source's
-    (shutil.copytree would carry a private source folder's 0700 over)."""
+    (shutil.copytree would carry a private source folder's 0700 over). Either side may be a URL."""
+    if paths.is_remote(src) or paths.is_remote(dst):
+        src = paths.local_folder(src)
+        if paths.is_remote(dst):
+            for rel in sorted(paths.files_under(src)):
+                paths.upload(os.path.join(src, rel), paths.join(dst, *rel.split(os.sep)))
+            return
     src, dst = os.fspath(src), os.fspath(dst)
     for root, dirs, names in os.walk(src, followlinks=True):
         dirs.sort()
@@ -120,7 +170,16 @@ def copy_tree(src, dst) -> None:
 def link(target, at, root) -> None:
     """A symlink at `at` to `target`: relative when `target` lies inside `root` (the folder `at` belongs
     to), so a moved or copied `root` still finds it; absolute otherwise, so moving `root` keeps it. An
-    existing link at `at` is re-pointed; anything else there is left as it is."""
+    existing link at `at` is re-pointed; anything else there is left as it is. On a bucket the link is a
+    JSON pointer file at `at` + paths.LINK_SUFFIX, with the same relative-or-absolute rule."""
+    if paths.is_remote(at) or paths.is_remote(target):
+        target, at, root = (paths.absolute(p) for p in (target, at, root))
+        inside = paths.is_remote(target) and target.startswith(root.rstrip("/") + "/")
+        dest = posixpath.relpath(target.split("://", 1)[1], paths.dirname(at).split("://", 1)[1]) \
+            if inside else target
+        if paths.isfile(at + paths.LINK_SUFFIX) or not paths.exists(at):
+            write_json(at + paths.LINK_SUFFIX, {"target": dest})
+        return
     target, at, root = (os.path.abspath(os.fspath(p)) for p in (target, at, root))
     inside = os.path.commonpath([target, root]) == root
     dest = os.path.relpath(target, os.path.dirname(at)) if inside else target

@@ -19,20 +19,26 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.io import paths
 
 PARAMS_DIR = "params"
 POINTER_FILE = "checkpoint.json"
 
 
 def is_orbax_component(folder: str) -> bool:
-    return os.path.isdir(os.path.join(folder, PARAMS_DIR)) or \
-        os.path.isfile(os.path.join(folder, POINTER_FILE))
+    return paths.isdir(paths.resolve(paths.join(folder, PARAMS_DIR))) or \
+        paths.isfile(paths.join(folder, POINTER_FILE))
+
+
+def _params_dir(folder: str) -> str:
+    """folder/params, or where its link pointer leads (a bucket's, left in place by paths.local_folder)."""
+    return paths.absolute(paths.resolve(paths.join(folder, PARAMS_DIR)))
 
 
 def save_params(folder: str, params) -> None:
     """Writes `params` under folder/params/ (Orbax commits atomically: a partial save is never valid)."""
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.abspath(os.path.join(folder, PARAMS_DIR)), params)
+    ckptr.save(paths.absolute(paths.join(folder, PARAMS_DIR)), params)
     ckptr.wait_until_finished()
 
 
@@ -103,12 +109,12 @@ def check_saved(folder: str, template) -> None:
 def restore_params(folder: str, template, shardings=None):
     """The params pytree of an Orbax component folder, restored into `template`'s shapes and dtypes
     (a pytree of ShapeDtypeStructs) and, when given, `shardings` (a matching pytree of Shardings)."""
-    folder = os.fspath(folder)
+    folder = paths.absolute(folder)
     target = _target(template, shardings)
-    pointer = os.path.join(folder, POINTER_FILE)
-    if os.path.isfile(pointer):
+    pointer = paths.join(folder, POINTER_FILE)
+    if paths.isfile(pointer):
         return _restore_pointer(folder, pointer, target)
-    path = os.path.abspath(os.path.join(folder, PARAMS_DIR))
+    path = _params_dir(folder)
     ckptr = ocp.StandardCheckpointer()
     try:
         meta = ckptr.metadata(path)
@@ -131,15 +137,17 @@ def _first_line(e: Exception) -> str:
 
 def _read_pointer(folder: str, pointer: str) -> tuple[dict, str]:
     """A checkpoint.json's contents and the CheckpointManager directory it names."""
-    with open(pointer) as f:
-        try:
-            spec = json.load(f)
-        except json.JSONDecodeError as e:
-            raise MMDiTError(f"{pointer}: not valid JSON ({e})") from None
+    try:
+        spec = paths.read_json(pointer)
+    except json.JSONDecodeError as e:
+        raise MMDiTError(f"{pointer}: not valid JSON ({e})") from None
     if not isinstance(spec, dict) or "directory" not in spec or "item" not in spec:
         raise MMDiTError(f"{pointer}: needs \"directory\" and \"item\"")
-    directory = os.path.abspath(os.path.join(folder, spec["directory"]))
-    if not os.path.isdir(directory):
+    # relative to the component folder, or absolute (a URL: a bucket folder's local copy names it so)
+    directory = str(spec["directory"])
+    directory = directory if paths.is_remote(directory) else \
+        paths.absolute(paths.normpath(paths.join(folder, directory)))
+    if not paths.isdir(directory):
         raise MMDiTError(f"{pointer}: checkpoint directory {directory} does not exist")
     return spec, directory
 
@@ -241,10 +249,10 @@ class ParamsWriter:
 def params_path(folder: str) -> str:
     """The Orbax pytree directory holding a component's params (following a checkpoint.json pointer to
     its step's item folder)."""
-    folder = os.fspath(folder)
-    pointer = os.path.join(folder, POINTER_FILE)
-    if not os.path.isfile(pointer):
-        return os.path.abspath(os.path.join(folder, PARAMS_DIR))
+    folder = paths.absolute(folder)
+    pointer = paths.join(folder, POINTER_FILE)
+    if not paths.isfile(pointer):
+        return _params_dir(folder)
     spec, directory = _read_pointer(folder, pointer)
     mngr = ocp.CheckpointManager(directory)
     try:
@@ -253,8 +261,8 @@ def params_path(folder: str) -> str:
         mngr.close()
     if step is None:
         raise MMDiTError(f"{directory}: no finished checkpoint yet")
-    path = os.path.join(directory, str(step), str(spec["item"]))
-    if not os.path.isdir(path):
+    path = paths.join(directory, str(step), str(spec["item"]))
+    if not paths.isdir(path):
         raise MMDiTError(f"{directory}: step {step} has no item {spec['item']!r}")
     return path
 

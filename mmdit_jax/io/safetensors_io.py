@@ -14,6 +14,7 @@ from typing import Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
+from mmdit_jax.io import paths
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.io.files import AtomicFile
 
@@ -29,7 +30,7 @@ class TensorFile(Mapping):
     """Read-only mapping name -> np.memmap over one .safetensors file."""
 
     def __init__(self, path: str):
-        self.path = str(path)
+        self.path = paths.local(str(path))
         try:
             size = os.path.getsize(self.path)
             with open(self.path, "rb") as f:

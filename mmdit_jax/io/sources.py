@@ -14,6 +14,7 @@ from typing import Mapping
 import numpy as np
 
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.io import paths
 from mmdit_jax.io.orbax_io import is_orbax_component
 from mmdit_jax.io.safetensors_io import TensorDict, TensorFile
 
@@ -120,7 +121,7 @@ def component_tensors(folder: str) -> Mapping[str, np.ndarray]:
 
 def open_component(path: str, subfolder: str) -> Source:
     """A component (e.g. "transformer") from a pipeline folder, a component folder, or a single file."""
-    path = os.fspath(path)
+    path = paths.local(os.fspath(path))
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "model_index.json")):
             sub = os.path.join(path, subfolder)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mmdit_jax.io import paths
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.families import family_named, family_of_config
 from mmdit_jax.progress import Progress, step_line
@@ -107,7 +108,7 @@ class Pipeline:
         from mmdit_jax.vae import load_vae
 
         dtype = default_dtype() if dtype is None else dtype
-        path = os.fspath(path)
+        path = paths.local(os.fspath(path))
         if not os.path.exists(path):
             raise MMDiTError(f"{path}: no such model folder")
         scheduler = schedules.read_scheduler_config(path)

@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 
+from mmdit_jax.io import paths
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.io.sources import read_json
 
@@ -55,7 +56,7 @@ class SchedulerConfig:
 def read_scheduler_config(path) -> SchedulerConfig:
     """The scheduler config of a model folder: `scheduler/scheduler_config.json` of a diffusers pipeline
     (or a folder holding one). The one place other folder kinds plug in."""
-    path = os.fspath(path)
+    path = paths.local(os.fspath(path))
     for candidate in (os.path.join(path, "scheduler", "scheduler_config.json"),
                       os.path.join(path, "scheduler_config.json")):
         if os.path.isfile(candidate):

@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 
+from mmdit_jax.io import paths
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.io.sources import read_json
 from mmdit_jax.dtypes import parse_dtype
@@ -48,7 +49,7 @@ def load_text_encoders(path, dtype="float32", mesh=None):
     from mmdit_jax.families import family_of_pipeline
 
     dtype = parse_dtype(dtype)
-    path = os.fspath(path)
+    path = paths.local(os.fspath(path))
     index_path = os.path.join(path, "model_index.json")
     if not os.path.isfile(index_path):
         raise MMDiTError(f"{path}: text encoders load from a diffusers pipeline folder (model_index.json "

@@ -30,7 +30,7 @@ from flax import nnx
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.families import family_named
 from mmdit_jax.flux.config import FluxConfig
-from mmdit_jax.io import rules
+from mmdit_jax.io import paths, rules
 from mmdit_jax.io.files import atomic_folder, write_json
 from mmdit_jax.io.safetensors_io import save_file
 from mmdit_jax.sampling.pipeline import SAMPLING_DEFAULTS_KEY
@@ -199,8 +199,8 @@ def write_toy_pipeline(folder, variant: str = "sd3", seed: int = 0, config: ToyC
                        overwrite: bool = False) -> ToyConfig:
     """Write a fresh toy pipeline folder; returns its ToyConfig. `config` overrides `variant`."""
     cfg = config if config is not None else toy_config(variant)
-    folder = os.fspath(folder)
-    if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)) and not overwrite:
+    folder = paths.absolute(folder)
+    if paths.exists(folder) and (not paths.isdir(folder) or paths.listdir(folder)) and not overwrite:
         raise MMDiTError(f"{folder}: already exists and is not empty (pass overwrite=True to replace it)")
     with atomic_folder(folder) as tmp:
         _write_all(tmp, cfg, seed)
@@ -235,7 +235,7 @@ def _write_all(root: str, cfg: ToyConfig, seed: int):
 
 def read_toy_config(folder) -> ToyConfig:
     """The ToyConfig a toy pipeline folder was written with (its toy.json)."""
-    path = os.path.join(os.fspath(folder), "toy.json")
+    path = os.path.join(paths.local(os.fspath(folder)), "toy.json")
     if not os.path.isfile(path):
         raise MMDiTError(f"{folder}: not a toy pipeline folder (no toy.json)")
     with open(path) as f:

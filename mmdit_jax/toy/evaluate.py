@@ -9,13 +9,13 @@ Files are written aside and renamed into place.
 from __future__ import annotations
 
 import math
-import os
 import time
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.io import paths
 from mmdit_jax.io.files import write_json
 from mmdit_jax.sampling.images import save_png
 from mmdit_jax.toy import checker
@@ -71,9 +71,9 @@ def evaluate(sample_fn, specs=None, out_dir=None, seeds=(0,), verbose: bool = Tr
     scores = checker.aggregate(results)
     scores = {k: scores[k] for k in SCORE_KEYS}
     if out_dir is not None:
-        os.makedirs(out_dir, exist_ok=True)
-        draw_grid(images, all_specs, results, os.path.join(out_dir, "grid.png"))
-        path = os.path.join(out_dir, "scores.json")
+        paths.makedirs(out_dir)
+        draw_grid(images, all_specs, results, paths.join(out_dir, "grid.png"))
+        path = paths.join(out_dir, "scores.json")
         write_json(path, {"scores": scores, "images": len(images), "seeds": list(seeds),
                           "per_image": [{"caption": s.caption, "seed": int(seeds[i // len(specs)]), **r}
                                         for i, (s, r) in enumerate(zip(all_specs, results))]}, indent=1)

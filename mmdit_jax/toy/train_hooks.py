@@ -7,12 +7,12 @@ Imported by mmdit_jax.plugins on the first registry lookup; registering is its o
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 
 from mmdit_jax.data.pipeline import register_source
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.families import family_of_config
+from mmdit_jax.io import paths
 from mmdit_jax.training import hooks
 
 EVAL_DIR = "eval"
@@ -65,13 +65,13 @@ def evaluate_toy(cfg, workdir: str, out=sys.stdout) -> dict:
     def sample_fn(prompts, seed):
         return pipe(prompts, seed=seed, num_inference_steps=ev.steps, output_type="np", **kw)
 
-    out_dir = os.path.join(workdir, EVAL_DIR)
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = paths.join(workdir, EVAL_DIR)
+    paths.makedirs(out_dir)
     scores = evaluate(sample_fn, specs, out_dir, seeds=tuple(ev.seeds), verbose=False)
-    metrics = os.path.join(workdir, "metrics.jsonl")
-    rows = [r for r in read_jsonl(metrics) if "loss" in r] if os.path.isfile(metrics) else []
+    metrics = paths.join(workdir, "metrics.jsonl")
+    rows = [r for r in read_jsonl(metrics) if "loss" in r] if paths.isfile(metrics) else []
     if rows:
-        plot_loss_curve([r["step"] for r in rows], [r["loss"] for r in rows], os.path.join(out_dir, "loss.png"))
+        plot_loss_curve([r["step"] for r in rows], [r["loss"] for r in rows], paths.join(out_dir, "loss.png"))
     n = len(specs) * len(ev.seeds)
     print(f"toy eval ({n} images of {len(specs)} held-out prompts, {ev.steps} steps, CFG {ev.guidance:g}): "
           + ", ".join(f"{k} {100 * v:.1f}%" for k, v in scores.items()), file=out, flush=True)

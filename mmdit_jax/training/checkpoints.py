@@ -17,12 +17,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.io import paths
 from mmdit_jax.training.state import TrainState
 
 
 class Checkpointer:
     def __init__(self, directory: str, every: int, keep: int, async_save: bool):
-        self.directory = os.path.abspath(directory)
+        self.directory = paths.absolute(directory)
         opts = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
                                             enable_async_checkpointing=async_save, create=True)
         self.mngr = ocp.CheckpointManager(self.directory, options=opts)

@@ -18,6 +18,7 @@ from typing import Callable, ClassVar
 
 from mmdit_jax.data.config import DataConfig
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.io import paths
 from mmdit_jax.lora.adapter import LoraConfig
 
 SAMPLERS = ("uniform", "logit_normal", "mode", "cosmap")
@@ -466,7 +467,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         need(ds.teacher is not None or m.pretrained is not None, "distill.teacher",
              "set distill.teacher or model.pretrained (the student starts as the teacher)", ds.teacher)
         if ds.teacher is not None:
-            need(os.path.exists(ds.teacher), "distill.teacher", "no such file or folder", ds.teacher)
+            need(paths.exists(ds.teacher), "distill.teacher", "no such file or folder", ds.teacher)
     if cfg.log.sample_every and cfg.encoders is None and m.pretrained is None and cfg.base.maker is None:
         raise MMDiTError("--set=log.sample_every: sample grids need text encoders and a VAE: set encoders "
                          "(a pipeline folder) or model.pretrained")

@@ -11,11 +11,11 @@ imported; every lookup imports those first (mmdit_jax.plugins), so a config nami
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from typing import Callable
 
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.io import paths
 from mmdit_jax.plugins import load_plugins
 
 _BASE_MAKERS: dict[str, Callable] = {}
@@ -52,8 +52,8 @@ def prepare_base(cfg, workdir: str, out=sys.stdout, write: bool = True):
     makers = base_makers()
     if b.maker not in makers:
         raise MMDiTError(f"--set=base.maker: {b.maker!r} not registered; known: {sorted(makers)}")
-    folder = os.path.join(os.path.abspath(workdir), BASE_DIR)
-    if write and not os.path.isfile(os.path.join(folder, "model_index.json")):
+    folder = paths.join(paths.absolute(workdir), BASE_DIR)
+    if write and not paths.isfile(paths.join(folder, "model_index.json")):
         print(f"writing the base pipeline ({b.maker}) to {folder}", file=out, flush=True)
         makers[b.maker](folder, cfg, dict(b.options or {}), b.seed)
     return cfg.replace(model=dataclasses.replace(cfg.model, pretrained=folder), encoders=folder)
@@ -66,4 +66,4 @@ def run_evaluation(cfg, workdir: str, out=sys.stdout) -> dict | None:
     evals = evaluators()
     if cfg.eval.kind not in evals:
         raise MMDiTError(f"--set=eval.kind: {cfg.eval.kind!r} not registered; known: {sorted(evals)}")
-    return evals[cfg.eval.kind](cfg, os.path.abspath(workdir), out)
+    return evals[cfg.eval.kind](cfg, paths.absolute(workdir), out)

@@ -1,7 +1,6 @@
 """The training loop: build or resume the state, step, log, validate, sample, checkpoint, handle SIGTERM."""
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -11,6 +10,7 @@ import numpy as np
 
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.families import family_of_diffusers_config, preset
+from mmdit_jax.io import paths
 from mmdit_jax.io.files import write_json
 from mmdit_jax.progress import duration
 from mmdit_jax.sharding import MESH_AXES, make_mesh, under_mesh
@@ -43,7 +43,8 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
     """Trains to cfg.max_steps (resuming from WORKDIR/checkpoints when there are any). Returns the exit
     status: 0 when done, PREEMPTED_EXIT after a SIGTERM (state saved)."""
     C.validate(cfg)
-    workdir = os.path.abspath(workdir)
+    workdir = paths.absolute(workdir)
+    paths.check_bucket(workdir, "--workdir")
     lead = jax.process_index() == 0
     try:
         mesh = make_mesh({a: getattr(cfg.mesh, a) for a in MESH_AXES})
@@ -56,7 +57,7 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
     if global_batch % shards:
         raise MMDiTError(f"--set=batch_size: global batch {global_batch} does not split over the "
                          f"{shards} data-parallel devices (mesh data x fsdp)")
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint.every, cfg.checkpoint.keep,
+    ckpt = Checkpointer(paths.join(workdir, "checkpoints"), cfg.checkpoint.every, cfg.checkpoint.keep,
                         cfg.checkpoint.async_save)
     resume_step = ckpt.latest_step()
     preempt = Preemption(resume_step or 0)  # a SIGTERM from here on stops every process at one step
@@ -109,7 +110,7 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
     if lead:
         prepare_workdir(workdir, net_cfg, encoders, use_ema,
                         base_transformer=mode.base_transformer)
-        write_json(os.path.join(workdir, "train_config.json"), C.to_dict(cfg))
+        write_json(paths.join(workdir, "train_config.json"), C.to_dict(cfg))
     null_text = getattr(data, "null_text", None)
     null_text = None if null_text is None else tuple(jnp.asarray(x) for x in null_text)
     step_fn = jit_train_step(model, tx, cfg, mesh, state_sh, tuple(getattr(data, "text_layout", ()) or ()),
@@ -164,7 +165,7 @@ def train(cfg: C.TrainConfig, workdir: str, *, out=sys.stdout) -> int:
                 grid = grid_fn(state)
                 writer.image(step, "samples", grid)
                 if lead:
-                    _save_png(grid, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
+                    _save_png(grid, paths.join(workdir, "samples", f"step_{step:08d}.png"))
             stopping = preempt.stop(step) and step < cfg.max_steps  # asked every step (see Preemption)
             if stopping or ckpt.due(step) or step == cfg.max_steps:
                 meta_now = dict(data=per_process(data.get_state()), data_start=data_start_all,

@@ -9,7 +9,6 @@ the config asks for; each mode overrides only what it does differently from full
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ from flax import nnx
 
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.families import ByFamily
+from mmdit_jax.io import paths
 from mmdit_jax.training import objective
 
 LORA_DIR = "lora"
@@ -257,13 +257,13 @@ class LoraMode(TrainMode):
         from mmdit_jax.lora import save_lora
 
         lora = self.lora_of(trained)
-        folder = os.path.join(workdir, LORA_DIR)
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, LORA_FILE)
+        folder = paths.join(workdir, LORA_DIR)
+        paths.makedirs(folder)
+        path = paths.join(folder, LORA_FILE)
         save_lora(lora, path, model, "diffusers")
         fmt = self.cfg.lora.format
         if fmt != "diffusers":
-            save_lora(lora, os.path.join(folder, f"lora_{fmt}.safetensors"), model, fmt)
+            save_lora(lora, paths.join(folder, f"lora_{fmt}.safetensors"), model, fmt)
         return path
 
 

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.io import paths
 
 VAE_SCALE = 8  # latent pixels per image pixel side, every supported family
 
@@ -129,7 +130,6 @@ def print_plan(cfg, net_cfg, teacher_cfg=None, *, out=sys.stdout, compile_step: 
 def run_plan(cfg, workdir: str | None, *, out=sys.stdout) -> dict:
     """The plan for a validated config, its network read from where training would read it (a
     pretrained folder's config only: no weight is read)."""
-    import os
 
     from mmdit_jax.training.hooks import prepare_base
     from mmdit_jax.training.loop import network_config
@@ -137,7 +137,7 @@ def run_plan(cfg, workdir: str | None, *, out=sys.stdout) -> dict:
 
     if cfg.base.maker is not None:
         cfg = prepare_base(cfg, workdir or ".", out, write=False)
-        if not os.path.isdir(cfg.model.pretrained):
+        if not paths.isdir(cfg.model.pretrained):
             raise MMDiTError(f"--plan: base.maker writes {cfg.model.pretrained} on the first run; plan after it "
                              "(the same --workdir) or from model.preset")
     m = cfg.model

@@ -6,42 +6,39 @@ pointer are relative: a moved or copied workdir is still a pipeline folder.
 """
 from __future__ import annotations
 
-import json
-import os
-
 from mmdit_jax.families import family_of_config
+from mmdit_jax.io import paths
 from mmdit_jax.io.files import link, write_json
-
 
 
 def prepare_workdir(workdir: str, network_config, encoders: str | None, use_ema: bool,
                     base_transformer: str | None = None) -> None:
     """base_transformer (LoRA runs): the frozen base's path; WORKDIR/transformer then links to its
-    transformer (the adapters are in WORKDIR/lora/), so the workdir samples as the base does."""
-    os.makedirs(workdir, exist_ok=True)
+    transformer (the adapters are in WORKDIR/lora/), so the workdir samples as the base does. On a
+    bucket the links are JSON pointer files (see io.files.link)."""
+    paths.makedirs(workdir)
     cfg = network_config.to_diffusers()
-    base_index = os.path.join(encoders, "model_index.json") if encoders else None
-    if base_index and os.path.isfile(base_index):
-        with open(base_index) as f:
-            index = json.load(f)
+    base_index = paths.join(encoders, "model_index.json") if encoders else None
+    if base_index and paths.isfile(base_index):
+        index = paths.read_json(base_index)
         for name in index:
-            src = os.path.join(encoders, name)
-            dst = os.path.join(workdir, name)
-            if name.startswith("_") or name == "transformer" or not os.path.isdir(src):
+            src = paths.join(encoders, name)
+            dst = paths.join(workdir, name)
+            if name.startswith("_") or name == "transformer" or not paths.isdir(src):
                 continue
             link(src, dst, workdir)
     else:
         index = {"_class_name": family_of_config(network_config).pipelines.text_to_image}
     index["transformer"] = ["diffusers", cfg["_class_name"]]
-    write_json(os.path.join(workdir, "model_index.json"), index)
-    comp = os.path.join(workdir, "transformer")
+    write_json(paths.join(workdir, "model_index.json"), index)
+    comp = paths.join(workdir, "transformer")
     if base_transformer is not None:
-        src = os.path.join(base_transformer, "transformer")
-        src = src if os.path.isdir(src) else base_transformer
-        if os.path.isdir(src):
+        src = paths.join(base_transformer, "transformer")
+        src = src if paths.isdir(src) else base_transformer
+        if paths.isdir(src):
             link(src, comp, workdir)
         return
-    os.makedirs(comp, exist_ok=True)
-    write_json(os.path.join(comp, "config.json"), cfg)
-    write_json(os.path.join(comp, "checkpoint.json"),
+    paths.makedirs(comp)
+    write_json(paths.join(comp, "config.json"), cfg)
+    write_json(paths.join(comp, "checkpoint.json"),
                     {"directory": "../checkpoints", "item": "ema" if use_ema else "params"})

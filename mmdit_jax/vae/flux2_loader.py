@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from mmdit_jax.errors import MMDiTError
+from mmdit_jax.io import paths
 from mmdit_jax.io.component import ComponentWeights
 from mmdit_jax.io.sources import open_component, open_tensors, read_json
 from mmdit_jax.structure import Structure
@@ -154,7 +155,7 @@ class Flux2VAE:
 def holds_flux2_vae(path) -> bool:
     """Whether `path` (pipeline folder, vae/ folder or single file) holds a FLUX.2 VAE: a config.json
     naming AutoencoderKLFlux2, or a file with the batch-norm statistics only FLUX.2's VAE has."""
-    path = os.fspath(path)
+    path = paths.local(os.fspath(path))
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "model_index.json")):
             path = os.path.join(path, "vae")

@@ -17,6 +17,7 @@ from flax import nnx
 
 from mmdit_jax.errors import MMDiTError
 from mmdit_jax.families import family_of_vae_prefix
+from mmdit_jax.io import paths
 from mmdit_jax.io.component import ComponentWeights
 from mmdit_jax.io.sources import PrefixView, open_component, read_json
 from mmdit_jax.vae import flux2_loader, tiling, weights
@@ -144,7 +145,7 @@ class VAE:
 
 def pixel_space_config(path) -> PixelSpaceConfig | None:
     """The PixelSpaceVAE config when `path` (a pipeline folder or its vae/ folder) holds one."""
-    path = os.fspath(path)
+    path = paths.local(os.fspath(path))
     if not os.path.isdir(path):
         return None
     if os.path.isfile(os.path.join(path, "model_index.json")):
@@ -199,6 +200,7 @@ def load_vae(path, dtype="float32", *, family: str | None = None, config: VAECon
 
     A folder whose config.json names `PixelSpaceVAE` gives that parameter-free latent map instead, and
     FLUX.2's VAE (AutoencoderKLFlux2, or `family="flux2"`) a `Flux2VAE` (flux2_loader.py)."""
+    path = paths.local(os.fspath(path))
     pixel = pixel_space_config(path)
     if pixel is not None:  # parameter-free: no weights file to open
         return PixelSpaceVAE(pixel, {}, parse_dtype(dtype))
