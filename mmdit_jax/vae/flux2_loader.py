@@ -22,10 +22,10 @@ from mmdit_jax.io.component import ComponentWeights
 from mmdit_jax.io.sources import open_component, open_tensors, read_json
 from mmdit_jax.structure import Structure
 from mmdit_jax.dtypes import parse_dtype
-from mmdit_jax.vae import flux2_weights, tiling
+from mmdit_jax.vae import flux2_weights
 from mmdit_jax.vae.flux2_config import CLASS_NAME, Flux2VAEConfig
 from mmdit_jax.vae.flux2_network import AutoencoderKLFlux2
-from mmdit_jax.vae.shapes import check_nhwc
+from mmdit_jax.vae.loader import VAE
 
 
 
@@ -75,81 +75,34 @@ def _network(config: Flux2VAEConfig, dtype) -> _Network:
     return _Network(config, dtype)
 
 
-class Flux2VAE:
-    """Config + params; `encode_apply(params, x)` / `decode_apply(params, z)` are pure, `encode` /
-    `decode` run them jitted with `self.params` (compiled once per input shape)."""
+class Flux2VAE(VAE):
+    """The KL VAE's interface over AutoencoderKLFlux2: latents are the 128-channel patchified, normalised
+    tokens; tiles are cut in the network's own units (8 pixels per latent pixel)."""
+
+    _network_of = staticmethod(lambda config, dtype: _network(config, dtype))
+    _build_of = staticmethod(lambda config, dtype, seed: _build(config, dtype, seed))
 
     def __init__(self, config: Flux2VAEConfig, params, dtype=jnp.float32):
-        self.config = config
-        self.dtype = parse_dtype(dtype)
-        self.params = params
-        self._net = _network(config, self.dtype)
-        self.encode_apply, self.decode_apply = self._net.encode_apply, self._net.decode_apply
-        self._encode, self._decode = self._net.encode, self._net.decode
-        self._mean_tile, self._decode_tile = self._net.mean_tile, self._net.decode_tile
+        super().__init__(config, params, dtype)
 
     @classmethod
     def init(cls, config: Flux2VAEConfig, seed: int = 0, dtype="float32") -> "Flux2VAE":
         """Random weights (as the KL VAE's init) and identity statistics (mean 0, variance 1)."""
-        dtype = parse_dtype(dtype)
-        module = nnx.jit(lambda: _build(config, dtype, seed))()
-        return cls(config, nnx.state(module).to_pure_dict(), dtype)
+        return super().init(config, seed, dtype)
 
-    def module(self, params=None) -> AutoencoderKLFlux2:
-        return self._net.module(self.params if params is None else params)
+    @property
+    def _latent_channels(self) -> int:
+        return self.config.patched_channels
 
-    def _check_images(self, images):
-        check_nhwc(images, self.config.in_channels, "images", self.config.downsample_factor)
+    @property
+    def _network_factor(self) -> int:
+        return self.config.network_factor
 
-    def _check_latents(self, latents):
-        check_nhwc(latents, self.config.patched_channels, "latents", 1)
-
-    def encode(self, images):
-        self._check_images(images)
-        return self._encode(self.params, images)
-
-    def decode(self, latents):
-        self._check_latents(latents)
-        return self._decode(self.params, latents)
-
-    def encode_tiled(self, images, tile_size: int = 512, overlap: float = 0.25):
-        """Encode tile by tile (`tile_size` pixels, fraction `overlap` shared with the neighbours), the
-        scheme of AutoencoderKLFlux2's tiled encode; patchify and normalisation then apply to the whole
-        blended mean. Images that fit in one tile are encoded whole, as diffusers does."""
-        self._check_images(images)
-        f = self.config.network_factor
-        self._check_tile(tile_size, overlap, f, True)
-        h, w = images.shape[1:3]
-        if h <= tile_size and w <= tile_size:
-            return self.encode(images)
-        mean = tiling.run_tiled(lambda t: self._mean_tile(self.params, t), np.asarray(images), tile_size,
-                                tile_size // f, overlap)
+    def _to_latents(self, mean):
         return self._net.to_latents(self.params, jnp.asarray(mean))
 
-    def decode_tiled(self, latents, tile_size: int = 512, overlap: float = 0.25):
-        """Decode tile by tile; `tile_size` is in output pixels. Tiles are cut from the unpatchified,
-        unnormalised latents (tile_size / 8 of them a side for the released VAE), as diffusers'
-        tiled decode cuts the latents the pipelines hand to `vae.decode`."""
-        self._check_latents(latents)
-        f = self.config.network_factor
-        self._check_tile(tile_size, overlap, f, False)
-        z = np.asarray(self._net.from_latents(self.params, jnp.asarray(latents)))
-        lt = tile_size // f
-        if z.shape[1] <= lt and z.shape[2] <= lt:
-            return self._decode_tile(self.params, z)
-        return jnp.asarray(tiling.run_tiled(lambda t: self._decode_tile(self.params, t), z, lt, tile_size,
-                                            overlap))
-
-    @staticmethod
-    def _check_tile(tile_size, overlap, f, encoding: bool):
-        if tile_size <= 0 or tile_size % f:
-            raise MMDiTError(f"tile_size {tile_size} must be a positive multiple of the network's "
-                             f"downsample factor {f}")
-        # encoding steps through pixels, so its stride must also land on latent pixel boundaries
-        if encoding and int(tile_size * (1 - overlap)) % f:
-            raise MMDiTError(f"tile_size {tile_size} with overlap {overlap} gives a stride of "
-                             f"{int(tile_size * (1 - overlap))} pixels, not a multiple of {f}")
-        tiling.tile_geometry(tile_size, tile_size // f, overlap)
+    def _from_latents(self, latents):
+        return np.asarray(self._net.from_latents(self.params, jnp.asarray(latents)))
 
 
 def holds_flux2_vae(path) -> bool:

@@ -20,7 +20,7 @@ from mmdit_jax.families import family_of_vae_prefix
 from mmdit_jax.io import paths
 from mmdit_jax.io.component import ComponentWeights
 from mmdit_jax.io.sources import PrefixView, open_component, read_json
-from mmdit_jax.vae import flux2_loader, tiling, weights
+from mmdit_jax.vae import tiling, weights
 from mmdit_jax.vae.config import VAEConfig
 from mmdit_jax.vae.network import AutoencoderKL
 from mmdit_jax.vae.pixel import CLASS_NAME as PIXEL_CLASS
@@ -71,13 +71,18 @@ def _network(config: VAEConfig, dtype) -> _Network:
 
 class VAE:
     """Config + params; `encode_apply(params, x)` / `decode_apply(params, z)` are pure, `encode` / `decode`
-    run them jitted with `self.params` (compiled once per input shape)."""
+    run them jitted with `self.params` (compiled once per input shape).
+
+    Another autoencoder (FLUX.2's) subclasses it, naming its network, latent width and latent map."""
+
+    _network_of = staticmethod(lambda config, dtype: _network(config, dtype))
+    _build_of = staticmethod(lambda config, dtype, seed: _build(config, dtype, seed))
 
     def __init__(self, config: VAEConfig, params, dtype=jnp.float32):
         self.config = config
         self.dtype = parse_dtype(dtype)
         self.params = params
-        self._net = _network(config, self.dtype)
+        self._net = self._network_of(config, self.dtype)
         self.encode_apply, self.decode_apply = self._net.encode_apply, self._net.decode_apply
         self._encode, self._decode = self._net.encode, self._net.decode
         self._mean_tile, self._decode_tile = self._net.mean_tile, self._net.decode_tile
@@ -86,12 +91,33 @@ class VAE:
     def init(cls, config: VAEConfig, seed: int = 0, dtype="float32") -> "VAE":
         """Random weights (torch's default bound for conv kernels, xavier linears, zero biases)."""
         dtype = parse_dtype(dtype)
-        module = nnx.jit(lambda: _build(config, dtype, seed))()
+        module = nnx.jit(lambda: cls._build_of(config, dtype, seed))()
         return cls(config, nnx.state(module).to_pure_dict(), dtype)
 
     def module(self, params=None) -> AutoencoderKL:
         """The NNX module holding `params` (default: this VAE's)."""
         return self._net.module(self.params if params is None else params)
+
+    # what differs between autoencoders -----------------------------------------------------------
+    @property
+    def _latent_channels(self) -> int:
+        """Channels of the latents `encode` returns."""
+        return self.config.latent_channels
+
+    @property
+    def _network_factor(self) -> int:
+        """Pixels per latent pixel of the network itself (tiles are cut in its units)."""
+        return self.config.downsample_factor
+
+    def _to_latents(self, mean: np.ndarray):
+        """The posterior mean of the whole image -> latents."""
+        scale, shift = np.float32(self.config.scaling_factor), np.float32(self.config.shift_factor)
+        return jnp.asarray((mean - shift) * scale)
+
+    def _from_latents(self, latents) -> np.ndarray:
+        """Latents -> what the decoder network takes, on the host."""
+        return np.asarray(latents, np.float32) / np.float32(self.config.scaling_factor) \
+            + np.float32(self.config.shift_factor)
 
     # jitted entry points ------------------------------------------------------------------------
     def encode(self, images):
@@ -99,43 +125,42 @@ class VAE:
         return self._encode(self.params, images)
 
     def decode(self, latents):
-        check_nhwc(latents, self.config.latent_channels, "latents", 1)
+        check_nhwc(latents, self._latent_channels, "latents", 1)
         return self._decode(self.params, latents)
 
     def encode_tiled(self, images, tile_size: int = 512, overlap: float = 0.25):
         """Encode tile by tile (`tile_size` pixels, fraction `overlap` shared with the neighbours);
-        images that fit in one tile are encoded whole, as diffusers does."""
-        f = self.config.downsample_factor
-        check_nhwc(images, self.config.in_channels, "images", f)
+        images that fit in one tile are encoded whole, as diffusers does. The latent map applies once
+        to the whole blended mean."""
+        check_nhwc(images, self.config.in_channels, "images", self.config.downsample_factor)
+        f = self._network_factor
         self._check_tile(tile_size, overlap, f, True)
         h, w = images.shape[1:3]
         if h <= tile_size and w <= tile_size:
             return self.encode(images)
-        x = np.asarray(images)
-        mean = tiling.run_tiled(lambda t: self._mean_tile(self.params, t), x, tile_size,
+        mean = tiling.run_tiled(lambda t: self._mean_tile(self.params, t), np.asarray(images), tile_size,
                                 tile_size // f, overlap)
-        scale, shift = np.float32(self.config.scaling_factor), np.float32(self.config.shift_factor)
-        return jnp.asarray((mean - shift) * scale)
+        return self._to_latents(mean)
 
     def decode_tiled(self, latents, tile_size: int = 512, overlap: float = 0.25):
-        """Decode tile by tile; `tile_size` is in output pixels (latent tiles are tile_size divided by
-        the downsample factor, 8 for released VAEs)."""
-        f = self.config.downsample_factor
-        check_nhwc(latents, self.config.latent_channels, "latents", 1)
+        """Decode tile by tile; `tile_size` is in output pixels. Tiles are cut from what the decoder
+        network takes (tile_size / 8 latent pixels a side for the released VAEs), as diffusers' tiled
+        decode cuts the latents its pipelines hand to `vae.decode`."""
+        check_nhwc(latents, self._latent_channels, "latents", 1)
+        f = self._network_factor
         self._check_tile(tile_size, overlap, f, False)
+        z = self._from_latents(latents)
         lt = tile_size // f
-        if latents.shape[1] <= lt and latents.shape[2] <= lt:
+        if z.shape[1] <= lt and z.shape[2] <= lt:
             return self.decode(latents)
-        z = np.asarray(latents, np.float32) / np.float32(self.config.scaling_factor) \
-            + np.float32(self.config.shift_factor)
         return jnp.asarray(tiling.run_tiled(lambda t: self._decode_tile(self.params, t), z, lt, tile_size,
                                             overlap))
 
     @staticmethod
     def _check_tile(tile_size, overlap, f, encoding: bool):
         if tile_size <= 0 or tile_size % f:
-            raise MMDiTError(f"tile_size {tile_size} must be a positive multiple of the downsample "
-                             f"factor {f}")
+            raise MMDiTError(f"tile_size {tile_size} must be a positive multiple of the network's "
+                             f"downsample factor {f}")
         # encoding steps through pixels, so its stride must also land on latent pixel boundaries
         if encoding and int(tile_size * (1 - overlap)) % f:
             raise MMDiTError(f"tile_size {tile_size} with overlap {overlap} gives a stride of "
@@ -162,6 +187,8 @@ def pixel_space_config(path) -> PixelSpaceConfig | None:
 def vae_weights(path, dtype="float32", *, family: str | None = None,
                 config: VAEConfig | None = None) -> ComponentWeights:
     """Config, abstract params and the source of a VAE (see `load_vae`; nothing read yet)."""
+    from mmdit_jax.vae import flux2_loader  # it builds on this module
+
     if flux2_loader.wanted(path, family):
         return flux2_loader.flux2_vae_weights(path, dtype, family=family, config=config)
     dtype = parse_dtype(dtype)
@@ -204,6 +231,8 @@ def load_vae(path, dtype="float32", *, family: str | None = None, config: VAECon
     pixel = pixel_space_config(path)
     if pixel is not None:  # parameter-free: no weights file to open
         return PixelSpaceVAE(pixel, {}, parse_dtype(dtype))
+    from mmdit_jax.vae import flux2_loader  # it builds on this module
+
     if flux2_loader.wanted(path, family):
         return flux2_loader.load_flux2_vae(path, dtype, family=family, config=config)
     w = vae_weights(path, dtype, family=family, config=config)
