@@ -5,7 +5,7 @@ ComfyUI files are BFL keys behind "model.diffusion_model.", which `families.dete
 from __future__ import annotations
 
 from mmdit_jax.flux.config import FluxConfig
-from mmdit_jax.io.rules import Entry, linear, rule, tree_path
+from mmdit_jax.io.rules import Entry, linear, rule, stacked_entries, tree_path
 
 
 def _embedder(path, d_mod, o_mod):
@@ -73,11 +73,8 @@ def plan(cfg: FluxConfig) -> list[Entry]:
               ("single_blocks", single_block_rules, cfg.depth_single, "single_transformer_blocks",
                "single_blocks")]
     for name, rules_of, n, d_prefix, o_prefix in stacks:
-        if not n:
-            continue
-        prefixes = {"diffusers": tuple(f"{d_prefix}.{i}." for i in range(n)),
-                    "original": tuple(f"{o_prefix}.{i}." for i in range(n))}
-        entries += [Entry((name, "blocks") + tree_path(r.path), r, prefixes) for r in rules_of(cfg)]
+        if n:
+            entries += stacked_entries((name, "blocks"), rules_of(cfg), range(n), d_prefix, o_prefix)
     return entries
 
 

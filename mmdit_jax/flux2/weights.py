@@ -6,7 +6,7 @@ Linear has a bias, so every rule is a kernel (or a norm scale).
 from __future__ import annotations
 
 from mmdit_jax.flux2.config import Flux2Config
-from mmdit_jax.io.rules import Entry, rule, tree_path
+from mmdit_jax.io.rules import Entry, rule, stacked_entries, tree_path
 
 
 def kernel(path, diffusers, original, **kw):
@@ -77,11 +77,8 @@ def plan(cfg: Flux2Config) -> list[Entry]:
               ("single_blocks", single_block_rules, cfg.depth_single, "single_transformer_blocks",
                "single_blocks")]
     for name, rules_of, n, d_prefix, o_prefix in stacks:
-        if not n:
-            continue
-        prefixes = {"diffusers": tuple(f"{d_prefix}.{i}." for i in range(n)),
-                    "original": tuple(f"{o_prefix}.{i}." for i in range(n))}
-        entries += [Entry((name, "blocks") + tree_path(r.path), r, prefixes) for r in rules_of(cfg)]
+        if n:
+            entries += stacked_entries((name, "blocks"), rules_of(cfg), range(n), d_prefix, o_prefix)
     return entries
 
 

@@ -79,6 +79,15 @@ class Entry:
     # one key prefix per stacked block
 
 
+def stacked_entries(tree_prefix: tuple, rules: Sequence[Rule], indices, diffusers: str,
+                    original: str) -> list[Entry]:
+    """Entries of one stack of blocks: parameters under `tree_prefix` + the rule's path, block `i`'s keys
+    under `{diffusers}.{i}.` / `{original}.{i}.` for each i in `indices`."""
+    prefixes = {"diffusers": tuple(f"{diffusers}.{i}." for i in indices),
+                "original": tuple(f"{original}.{i}." for i in indices)}
+    return [Entry(tree_prefix + tree_path(r.path), r, prefixes) for r in rules]
+
+
 def _swap_halves(a, axis):
     h = a.shape[axis] // 2
     first, second = np.split(a, [h], axis=axis)

@@ -1,7 +1,7 @@
 """SD3 checkpoint layouts (diffusers and SAI original) <-> the internal MMDiT parameter tree."""
 from __future__ import annotations
 
-from mmdit_jax.io.rules import Entry, linear, rule, tree_path
+from mmdit_jax.io.rules import Entry, linear, rule, stacked_entries, tree_path
 from mmdit_jax.sd3.config import MMDiTConfig
 
 def _qkv(path, d_mod, d_names, o_mod):
@@ -74,10 +74,7 @@ def plan(cfg: MMDiTConfig) -> list[Entry]:
     entries = [Entry(tree_path(r.path), r) for r in rules]
     for g, ((dual, pre_only), idx) in enumerate(cfg.groups()):
         rules = block_rules(dual, pre_only) + (qk_norm_rules(dual) if cfg.qk_norm else [])
-        prefixes = {"diffusers": tuple(f"transformer_blocks.{i}." for i in idx),
-                    "original": tuple(f"joint_blocks.{i}." for i in idx)}
-        for r in rules:
-            entries.append(Entry(("groups", g, "blocks") + tree_path(r.path), r, prefixes))
+        entries += stacked_entries(("groups", g, "blocks"), rules, idx, "transformer_blocks", "joint_blocks")
     return entries
 
 
